@@ -1,0 +1,267 @@
+"""Suite and run schema: validation with one-line errors, expansion of a suite into runs, run hashes.
+
+A suite lists strategies × ratios × seeds (and optionally any other field through ``grid``); each
+combination becomes a :class:`RunSpec` whose identity — every field that changes the numbers — is
+hashed into a stable 12-hex-digit name. Paths, devices and display labels are not part of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import BenchError
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StrategyRef(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None  # display name; defaults to ``name``
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class ModelConfig(_Strict):
+    preset: str = "cpu-tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    name: Literal["fashion_mnist", "imagefolder", "cifar10", "synthetic"] = "fashion_mnist"
+    root: str | None = None  # overrides $MASKING_BENCH_DATA_DIR and the built-in default
+    train_subset: int | None = Field(None, gt=0)  # pre-train on a fixed seeded subset
+    image_size: int | None = Field(None, gt=0)
+
+
+class AugmentConfig(_Strict):
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(256, gt=0)
+    base_lr: float = Field(1.5e-3, gt=0)  # learning rate per 256 images (scaled linearly with batch)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(3.0, gt=0)
+    amp: Literal["none", "bf16"] = "none"
+    norm_pix_loss: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ProbeConfig(_Strict):
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    train_subset: int | None = Field(None, gt=0)
+    test_subset: int | None = Field(None, gt=0)
+
+
+class KnnConfig(_Strict):
+    k: int = Field(20, gt=0)
+    temperature: float = Field(0.07, gt=0)
+
+
+class EvalConfig(_Strict):
+    pool: Literal["mean", "cls"] = "mean"
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    random_init: bool = True  # also evaluate an untrained encoder: the floor every strategy must beat
+
+
+class Suite(_Strict):
+    name: str
+    description: str = ""
+    method: Literal["mae", "simmim"] = "mae"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    strategies: list[StrategyRef] = Field(min_length=1)
+    ratios: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)  # extra axes: dotted field -> values
+    plugins: list[str] = Field(default_factory=list)  # strategy files loaded by path
+    device: str = "auto"
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, value):
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value):
+        return {"preset": value} if isinstance(value, str) else value
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, value):
+        for r in value:
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"masking ratio {r} is outside [0, 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_labels(self):
+        labels = [s.display for s in self.strategies]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"strategy label '{sorted(dup)[0]}' appears twice; give one a distinct 'label'")
+        return self
+
+
+class RunSpec(BaseModel):
+    """One pre-training run (or the untrained-encoder floor when ``kind == 'random_init'``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    suite: str
+    kind: Literal["pretrain", "random_init"] = "pretrain"
+    strategy: StrategyRef
+    ratio: float | None
+    seed: int
+    method: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig
+    plugins: list[str] = Field(default_factory=list)
+    device: str = "auto"
+
+    def identity(self) -> dict[str, Any]:
+        """Every field that changes the numbers; the hash is taken over this."""
+        ident = self.model_dump(mode="json", exclude={"suite", "plugins", "device"})
+        ident["strategy"].pop("label", None)
+        ident["data"].pop("root", None)
+        ident["schema"] = SCHEMA_VERSION
+        if self.kind == "random_init":  # nothing of the training recipe reaches an untrained encoder
+            for key in ("strategy", "ratio", "train"):
+                ident.pop(key)
+        return ident
+
+    @property
+    def run_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        return "random_init" if self.kind == "random_init" else self.strategy.display
+
+    def short(self) -> str:
+        ratio = "" if self.ratio is None else f" r={self.ratio:g}"
+        return f"{self.label}{ratio} seed={self.seed}"
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    extra = f" ({len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    got = first.get("input")
+    shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f", got {got!r}"
+    return f"{source}: field '{loc}': {msg}{shown}{extra}"
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; every problem becomes a one-line :class:`BenchError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"suite file '{path}' does not exist (suites live in suites/*.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BenchError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise BenchError(f"{path}: a suite must be a YAML mapping with at least 'strategies' and 'ratios'")
+    raw.setdefault("name", path.stem)
+    return parse_suite(raw, str(path), base_dir=path.parent)
+
+
+def parse_suite(raw: dict, source: str = "suite", base_dir: Path | None = None) -> Suite:
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as err:
+        raise BenchError(_format_validation(err, source)) from None
+    if base_dir is not None:  # plugin paths are relative to the suite file
+        suite.plugins = [str((base_dir / p).resolve()) if not Path(p).is_absolute() else p for p in suite.plugins]
+    return suite
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise BenchError(f"{source}: grid axis '{dotted}' does not name a field of the suite")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def expand(suite: Suite, source: str = "suite") -> list[RunSpec]:
+    """Every run of the suite: (grid axes) × strategies × ratios × seeds, plus the random-init floors."""
+    base = suite.model_dump(mode="python")
+    axes = list(suite.grid.items())
+    runs: list[RunSpec] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*[values for _, values in axes]) if axes else [()]:
+        tree = copy.deepcopy(base)
+        for (dotted, _), value in zip(axes, combo):
+            if dotted.split(".")[0] in ("strategies", "ratios", "seeds", "grid", "name"):
+                raise BenchError(f"{source}: grid axis '{dotted}' is already an axis; list it in the suite instead")
+            _set_dotted(tree, dotted, value, source)
+        try:
+            variant = Suite.model_validate(tree)
+        except ValidationError as err:
+            raise BenchError(_format_validation(err, source)) from None
+        common = dict(suite=suite.name, method=variant.method, model=variant.model, data=variant.data,
+                      train=variant.train, eval=variant.eval, plugins=suite.plugins, device=suite.device)
+        candidates = []
+        if variant.eval.random_init:
+            floor = StrategyRef(name="random_init")
+            candidates += [RunSpec(kind="random_init", strategy=floor, ratio=None, seed=s, **common)
+                           for s in variant.seeds]
+        for strat in variant.strategies:
+            for ratio in variant.ratios:
+                candidates += [RunSpec(strategy=strat, ratio=ratio, seed=s, **common) for s in variant.seeds]
+        for spec in candidates:
+            if spec.run_hash not in seen:
+                seen.add(spec.run_hash)
+                runs.append(spec)
+    return runs
+
+
+def spec_from_dict(data: dict) -> RunSpec:
+    return RunSpec.model_validate(data)

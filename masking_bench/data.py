@@ -1,0 +1,290 @@
+"""Datasets held in memory as uint8 tensors, and a tensor-resident loader with on-device augmentation.
+
+Sources: Fashion-MNIST from its original IDX files (the embedded default, Debian package
+``dataset-fashion-mnist``), an ImageFolder tree or a CIFAR-10 python-pickle folder for users'
+own data (never downloaded), and a small generated synthetic set for fast tests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BenchError, DataMissingError
+
+DEFAULT_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+DATA_DIR_ENV = "MASKING_BENCH_DATA_DIR"
+DATASET_NAMES = ("fashion_mnist", "imagefolder", "cifar10", "synthetic")
+
+
+@dataclass
+class Split:
+    """One split held in memory: images uint8 (N, C, H, W), labels int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, n: int | None, seed: int = 0) -> "Split":
+        """A fixed, seeded, class-agnostic subset of ``n`` images (all of them when n is None)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    """A train and a test split plus the per-channel normalisation statistics of the train split."""
+
+    name: str
+    train: Split
+    test: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise BenchError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
+    return data.reshape(dims)
+
+
+def resolve_data_dir(configured: str | None, default: str) -> Path:
+    """Suite field wins, then $MASKING_BENCH_DATA_DIR, then the built-in default."""
+    return Path(configured or os.environ.get(DATA_DIR_ENV) or default)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_fashion_mnist(root: str | None = None) -> Dataset:
+    """Fashion-MNIST (60k train / 10k test, 28x28 grey, 10 classes) from the original IDX files."""
+    path = resolve_data_dir(root, DEFAULT_FASHION_DIR)
+    stems = {
+        "train_x": "train-images-idx3-ubyte",
+        "train_y": "train-labels-idx1-ubyte",
+        "test_x": "t10k-images-idx3-ubyte",
+        "test_y": "t10k-labels-idx1-ubyte",
+    }
+    files = {key: _find_idx(path, stem) for key, stem in stems.items()}
+    missing = [stems[k] for k, f in files.items() if f is None]
+    if missing:
+        raise DataMissingError(
+            f"Fashion-MNIST not found in {path} (missing {missing[0]}[.gz]): install the Debian package "
+            f"'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or point ${DATA_DIR_ENV} "
+            f"or the suite field dataset.root at a folder holding the four IDX files"
+        )
+    train = Split(_read_idx(files["train_x"]).unsqueeze(1), _read_idx(files["train_y"]).long())
+    test = Split(_read_idx(files["test_x"]).unsqueeze(1), _read_idx(files["test_y"]).long())
+    return _with_stats("fashion_mnist", train, test, num_classes=10)
+
+
+def load_cifar10(root: str | None) -> Dataset:
+    """CIFAR-10 from the python-pickle layout (``data_batch_1..5``, ``test_batch``); never downloads."""
+    path = resolve_data_dir(root, "")
+    folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    if not root or not all((folder / n).is_file() for n in names + ["test_batch"]):
+        raise DataMissingError(
+            f"CIFAR-10 not found in '{folder}': set dataset.root (or ${DATA_DIR_ENV}) to a folder with "
+            "data_batch_1..5 and test_batch (the python version); masking_bench never downloads data"
+        )
+
+    def read(files: list[str]) -> Split:
+        xs, ys = [], []
+        for name in files:
+            with open(folder / name, "rb") as fh:
+                blob = pickle.load(fh, encoding="latin1")
+            xs.append(torch.as_tensor(blob["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(blob["labels"], dtype=torch.long))
+        return Split(torch.cat(xs), torch.cat(ys))
+
+    return _with_stats("cifar10", read(names), read(["test_batch"]), num_classes=10)
+
+
+def load_imagefolder(root: str | None, image_size: int) -> Dataset:
+    """``root/train/<class>/*`` and ``root/val|test/<class>/*`` resized to ``image_size``, held in memory."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    base = resolve_data_dir(root, "")
+    test_dir = next((base / d for d in ("val", "test") if (base / d).is_dir()), None)
+    if not root or not (base / "train").is_dir() or test_dir is None:
+        raise DataMissingError(
+            f"ImageFolder dataset not found at '{base}': dataset.root must hold train/<class>/ and "
+            "val/<class>/ (or test/<class>/) folders of images"
+        )
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+
+    def read(folder: Path, classes: list[str] | None) -> Split:
+        ds = ImageFolder(str(folder), transform=tf)
+        if classes is not None and ds.classes != classes:
+            raise BenchError(f"class folders of {folder} differ from those of {base / 'train'}")
+        xs = torch.stack([ds[i][0] for i in range(len(ds))])
+        if xs.shape[1] == 4:
+            xs = xs[:, :3]
+        return Split(xs.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+
+    train = read(base / "train", None)
+    classes = ImageFolder(str(base / "train")).classes
+    return _with_stats("imagefolder", train, read(test_dir, classes), num_classes=len(classes))
+
+
+def make_synthetic(n_train: int = 512, n_test: int = 256, size: int = 28, channels: int = 1,
+                   num_classes: int = 4, seed: int = 0) -> Dataset:
+    """A generated, learnable dataset: each class is an oriented stripe pattern plus noise and a blob."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> Split:
+        labels = torch.randint(num_classes, (n,), generator=g)
+        yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+        angle = labels.float()[:, None, None] * (torch.pi / num_classes)
+        phase = torch.rand(n, 1, 1, generator=g) * 6.28
+        stripes = torch.sin((xx * torch.cos(angle) + yy * torch.sin(angle)) * 0.8 + phase)
+        cy, cx = (torch.rand(2, n, 1, 1, generator=g) * size)
+        blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 6) ** 2))
+        img = 0.5 + 0.3 * stripes + 0.3 * blob + 0.05 * torch.randn(n, size, size, generator=g)
+        img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+        return Split(img[:, None].expand(n, channels, size, size).contiguous(), labels)
+
+    return _with_stats("synthetic", draw(n_train), draw(n_test), num_classes=num_classes)
+
+
+def _with_stats(name: str, train: Split, test: Split, num_classes: int) -> Dataset:
+    x = train.images.float() / 255.0
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).tolist())
+    return Dataset(name, train, test, mean, std, num_classes)
+
+
+def load_dataset(name: str, root: str | None = None, image_size: int | None = None) -> Dataset:
+    """Load a dataset by its suite name."""
+    if name == "fashion_mnist":
+        return load_fashion_mnist(root)
+    if name == "cifar10":
+        return load_cifar10(root)
+    if name == "imagefolder":
+        return load_imagefolder(root, image_size or 224)
+    if name == "synthetic":
+        return make_synthetic(size=image_size or 28)
+    raise BenchError(f"unknown dataset '{name}': accepted are {', '.join(DATASET_NAMES)}")
+
+
+# ------------------------------------------------------------------------------------------ loader
+
+
+@dataclass(frozen=True)
+class Augment:
+    """MAE pre-training augmentation: RandomResizedCrop(scale, ratio) + horizontal flip."""
+
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+
+def random_resized_crop(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Batched RandomResizedCrop + flip with one affine ``grid_sample`` (bilinear) for the whole batch.
+
+    Per image: area fraction ~ U(scale), log aspect ~ U(log ratio); crops that do not fit are
+    shrunk to fit (torchvision retries then falls back to a centre crop; the effect is the same
+    family of crops). The crop centre is uniform over the positions where the crop fits.
+    """
+    n, dev = x.shape[0], x.device
+    u = torch.rand(n, 5, generator=generator, device=dev)
+    area = aug.scale[0] + (aug.scale[1] - aug.scale[0]) * u[:, 0]
+    log_lo, log_hi = torch.log(torch.tensor(aug.ratio, device=dev))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fraction of the image width
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (w - 1) + (2 - 2 * w) * u[:, 2]  # centre in [-1 + w, 1 - w] (normalised coords)
+    cy = (h - 1) + (2 - 2 * h) * u[:, 3]
+    sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if aug.flip else torch.ones_like(w)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class TensorLoader:
+    """Batches from an in-memory split: seeded per-epoch shuffling, normalisation and augmentation on device.
+
+    The whole uint8 split is moved to the device once; a batch is one index, one cast and one
+    ``grid_sample`` — no per-image Python. ``drop_last`` keeps every step the same size (needed for
+    identical per-step cost and exact resume).
+    """
+
+    def __init__(self, split: Split, batch_size: int, mean, std, device: torch.device | str = "cpu",
+                 seed: int = 0, augment: Augment | None = None, shuffle: bool = True,
+                 drop_last: bool = True):
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment = augment
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        c = self.images.shape[1]
+        self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255.0)
+        if len(split) < batch_size and drop_last:
+            raise BenchError(f"batch_size {batch_size} is larger than the {len(split)} training images")
+
+    def __len__(self) -> int:
+        n = self.images.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The image order of ``epoch``: a pure function of (seed, epoch)."""
+        n = self.images.shape[0]
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def batches(self, epoch: int, start_step: int = 0):
+        """Yield ``(images float (B,C,H,W) normalised, labels)`` from step ``start_step`` of ``epoch``."""
+        order = self.order(epoch).to(self.device)
+        gen = torch.Generator(device=self.device)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            x = self.images[idx].float()
+            if self.augment is not None:
+                # one generator state per (seed, epoch, step): resuming mid-epoch replays the same crops
+                gen.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + step)
+                x = random_resized_crop(x, self.augment, gen)
+            yield (x - self.mean) * self.inv_std, self.labels[idx]

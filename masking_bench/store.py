@@ -1,0 +1,152 @@
+"""Run records on disk: one folder per run hash, atomic writes, an exclusive lock, and a status file.
+
+``<results>/runs/<suite>/<hash>/`` holds ``config.yaml`` (the resolved run), ``metrics.jsonl`` (one
+line per epoch), ``summary.json`` (final metrics, wall time, versions, git commit), ``status.json``
+(pending | running | done | failed, with the reason) and ``checkpoint.pt`` (latest epoch).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .config import RunSpec, spec_from_dict
+from .errors import BenchError
+
+STATES = ("pending", "running", "done", "failed")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class RunRecord:
+    """The folder of one run."""
+
+    def __init__(self, root: Path, spec: RunSpec):
+        self.spec = spec
+        self.dir = Path(root) / "runs" / spec.suite / spec.run_hash
+
+    # ---- paths
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.dir / "summary.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.dir / "status.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.dir / "checkpoint.pt"
+
+    # ---- status
+    def status(self) -> dict[str, Any]:
+        if not self.status_path.is_file():
+            return {"state": "pending"}
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"state": "pending"}
+
+    def is_done(self) -> bool:
+        return self.status().get("state") == "done" and self.summary_path.is_file()
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        assert state in STATES
+        write_json(self.status_path, {"state": state, "host": socket.gethostname(), "pid": os.getpid(),
+                                      "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
+
+    # ---- content
+    def write_config(self) -> None:
+        payload = {"run_hash": self.spec.run_hash, **self.spec.model_dump(mode="json")}
+        atomic_write_text(self.config_path, yaml.safe_dump(payload, sort_keys=False))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one epoch; the file is rewritten atomically so a kill never leaves half a line."""
+        rows = [r for r in self.read_metrics() if r.get("epoch") != row.get("epoch")] + [row]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """Forget epochs a resume will redo (those after the last checkpoint)."""
+        rows = [r for r in self.read_metrics() if r.get("epoch", 0) < epochs_done]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.summary_path, summary)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.is_file():
+            return None
+        return json.loads(self.summary_path.read_text())
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive, non-blocking: two workers never train the same run at once."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.dir / ".lock", "w")
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BenchError(f"run {self.spec.run_hash} ({self.spec.short()}) is being trained by "
+                                 "another process; wait for it or stop that process") from None
+            yield
+        finally:
+            fh.close()
+
+
+def iter_records(root: Path, suite: str | None = None) -> Iterator[tuple[Path, RunSpec]]:
+    """Every run folder under ``root/runs`` (optionally of one suite) with its parsed spec."""
+    base = Path(root) / "runs"
+    if not base.is_dir():
+        return
+    for suite_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        if suite is not None and suite_dir.name != suite:
+            continue
+        for run_dir in sorted(p for p in suite_dir.iterdir() if (p / "config.yaml").is_file()):
+            data = yaml.safe_load((run_dir / "config.yaml").read_text())
+            data.pop("run_hash", None)
+            yield run_dir, spec_from_dict(data)

@@ -1,0 +1,225 @@
+"""The one pre-training loop every strategy runs under.
+
+Per step: augmented batch -> ``strategy.plan`` -> model forward under the plan -> the strategy's
+loss terms -> AdamW (β 0.9/0.95, wd 0.05 off biases/norms/tokens) with per-step warm-up + cosine lr
+and gradient clipping. Every random choice is a pure function of (seed, epoch, step), so a run
+resumed from its last epoch checkpoint replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import RunSpec
+from .data import Augment, Dataset, TensorLoader, load_dataset
+from .errors import NonFiniteLossError
+from .evaluate import evaluate_encoder
+from .masking import MaskingStrategy, PlanContext, build_strategy, load_plugin
+from .models import MIMViT, build_model
+from .store import RunRecord, atomic_write_bytes
+
+_DATASETS: dict[tuple, Dataset] = {}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def get_dataset(spec: RunSpec) -> Dataset:
+    """Load once per process (Fashion-MNIST takes ~1 s to decode)."""
+    key = (spec.data.name, spec.data.root, spec.data.image_size)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(spec.data.name, spec.data.root, spec.data.image_size)
+    return _DATASETS[key]
+
+
+def make_model(spec: RunSpec, dataset: Dataset) -> MIMViT:
+    torch.manual_seed(spec.seed)
+    return build_model(spec.model.preset, spec.method, img_size=dataset.image_size, in_chans=dataset.channels,
+                       norm_pix_loss=spec.train.norm_pix_loss, **spec.model.overrides)
+
+
+def make_optimizer(model: MIMViT, spec: RunSpec) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": spec.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=0.0, betas=spec.train.betas)
+
+
+def lr_at(step: int, steps_per_epoch: int, spec: RunSpec) -> float:
+    """Linear warm-up then half-cosine to ``min_lr``, evaluated per step (MAE's schedule)."""
+    t = spec.train
+    peak = t.base_lr * t.batch_size / 256
+    epoch = step / steps_per_epoch
+    if epoch < t.warmup_epochs:
+        return peak * epoch / t.warmup_epochs
+    span = max(t.epochs - t.warmup_epochs, 1e-8)
+    progress = min(1.0, (epoch - t.warmup_epochs) / span)
+    return t.min_lr + (peak - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def mask_seed(seed: int, epoch: int, step: int) -> int:
+    return ((seed * 7_919 + 17) * 1_000_003 + epoch) * 100_003 + step
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, Any]:
+    import timm
+
+    from . import __version__
+
+    return {"masking_bench": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "git_commit": _git_commit()}
+
+
+def _save_checkpoint(record: RunRecord, model, opt, epoch_done: int) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epochs_done": epoch_done}, buf)
+    atomic_write_bytes(record.checkpoint_path, buf.getvalue())
+
+
+def _step(model, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor, amp_dtype):
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        t0 = time.perf_counter()
+        plan = strategy.plan(x, ctx)
+        t_plan = time.perf_counter() - t0
+        view = plan.view if plan.view is not None else x
+        out = model(view, plan.mask, isolate_mask_tokens=plan.isolate_mask_tokens,
+                    record_attention=plan.record_attention)
+        terms = strategy.losses(model, out, plan, view)
+    loss = sum(terms.values())
+    return loss, terms, plan, t_plan
+
+
+def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | None = None,
+              stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Pre-train (or, for ``random_init``, only evaluate) one run; resume from its checkpoint if any.
+
+    ``stop_after_steps`` (tests): raise KeyboardInterrupt after that many optimizer steps, to
+    exercise an interruption mid-epoch.
+    """
+    wall0 = time.perf_counter()
+    for plugin in spec.plugins:
+        load_plugin(plugin)
+    device = pick_device(spec.device)
+    dataset = get_dataset(spec)
+    model = make_model(spec, dataset).to(device)
+    t = spec.train
+    summary: dict[str, Any] = {"run_hash": spec.run_hash, "suite": spec.suite, "kind": spec.kind,
+                               "strategy": spec.label, "ratio": spec.ratio, "seed": spec.seed,
+                               "method": spec.method, "model": spec.model.preset,
+                               "params_encoder": sum(p.numel() for p in model.encoder_parameters()),
+                               "params_total": sum(p.numel() for p in model.parameters()),
+                               "device": str(device), "versions": versions()}
+    train_seconds = 0.0
+    if spec.kind == "pretrain" and t.epochs > 0:
+        strategy = build_strategy(spec.strategy.name, spec.ratio, spec.method, spec.strategy.params)
+        summary["strategy_info"] = strategy.describe()
+        train_seconds = _pretrain(spec, record, model, strategy, dataset, device, progress, stop_after_steps)
+        summary["epochs"] = t.epochs
+        rows = record.read_metrics()
+        summary["final_loss"] = rows[-1]["loss"] if rows else None
+        summary["train_img_per_s"] = (sum(r["images"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9))
+    else:
+        summary["epochs"] = 0
+    metrics = evaluate_encoder(model, dataset, spec.eval, spec.seed, device)
+    summary.update(metrics)
+    summary["train_seconds"] = train_seconds
+    summary["wall_seconds"] = time.perf_counter() - wall0
+    return summary
+
+
+def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device, progress, stop_after_steps) -> float:
+    t = spec.train
+    train_split = dataset.train.subset(spec.data.train_subset, seed=spec.seed)
+    aug = Augment(tuple(t.augment.scale), tuple(t.augment.ratio), t.augment.flip)
+    loader = TensorLoader(train_split, t.batch_size, dataset.mean, dataset.std, device=device,
+                          seed=spec.seed, augment=aug)
+    opt = make_optimizer(model, spec)
+    start_epoch = 0
+    if record.checkpoint_path.is_file():
+        state = torch.load(record.checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epochs_done"])
+    record.truncate_metrics(start_epoch)
+    amp_dtype = torch.bfloat16 if t.amp == "bf16" else None
+    gen = torch.Generator(device=device)
+    ctx = PlanContext(model, model.grid, gen, total_epochs=t.epochs, method=spec.method)
+    steps_per_epoch = len(loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_seconds = sum(r["seconds"] for r in record.read_metrics())
+    bar = progress(total=t.epochs, initial=start_epoch, desc=spec.short(), unit="ep", leave=False) if progress else None
+    steps_done = 0
+    model.train()
+    for epoch in range(start_epoch, t.epochs):
+        ctx.epoch = epoch
+        sums = {"loss": 0.0, "plan_seconds": 0.0}
+        term_sums: dict[str, float] = {}
+        ratios = []
+        t0 = time.perf_counter()
+        for step, (x, _) in enumerate(loader.batches(epoch)):
+            global_step = epoch * steps_per_epoch + step
+            lr = lr_at(global_step, steps_per_epoch, spec)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            gen.manual_seed(mask_seed(spec.seed, epoch, step))
+            ctx.step = global_step
+            loss, terms, plan, t_plan = _step(model, strategy, ctx, x, amp_dtype)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"run {spec.run_hash} ({spec.short()}): loss became {loss.item()} at epoch {epoch} step {step}; "
+                    f"finished epochs are kept in {record.dir} — lower train.base_lr or set train.amp: none")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+            opt.step()
+            sums["loss"] += loss.item()
+            sums["plan_seconds"] += t_plan
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + float(v.detach())
+            ratios.append(plan.realised_ratio().detach())
+            steps_done += 1
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")
+        seconds = time.perf_counter() - t0
+        total_seconds += seconds
+        r = torch.cat(ratios).float().cpu()
+        row = {"epoch": epoch, "loss": sums["loss"] / steps_per_epoch, "lr": lr, "seconds": seconds,
+               "images": steps_per_epoch * t.batch_size, "img_per_s": steps_per_epoch * t.batch_size / seconds,
+               "mask_ratio_mean": r.mean().item(), "mask_ratio_min": r.min().item(),
+               "mask_ratio_max": r.max().item(), "plan_share": sums["plan_seconds"] / seconds}
+        row.update({f"loss_{k}": v / steps_per_epoch for k, v in term_sums.items()} if len(term_sums) > 1 else {})
+        record.append_metrics(row)  # before the checkpoint: a kill in between only redoes this epoch
+        _save_checkpoint(record, model, opt, epoch + 1)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row['img_per_s']:.0f}")
+    if bar is not None:
+        bar.close()
+    return total_seconds
+

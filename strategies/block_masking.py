@@ -1,0 +1,110 @@
+"""Block-wise masking: BEiT's rectangle generator (spec §2.1) and SimMIM's coarse cells (spec §2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_lowest_first, num_hidden, register
+
+
+def top_up_or_trim(mask: torch.Tensor, target: int, ctx: PlanContext) -> torch.Tensor:
+    """Make every row hide exactly ``target`` tokens: hide extra random visible tokens where a row is
+    short (BEiT top-up, spec §2.1 [INTERP]) and reveal random hidden ones where it is over."""
+    noise = ctx.rand(*mask.shape)
+    # hidden tokens score in [1, 2), visible in [0, 1): the ``target`` highest stay/become hidden
+    return hide_lowest_first(noise + mask.float(), target)
+
+
+@register
+class BlockMasking(MaskingStrategy):
+    """BEiT block-wise masking (Bao et al. 2021, §2.3; ``unilm/beit/masking_generator.py`` [CODE]).
+
+    Rectangles of area ~ U(min_block, budget) and log-uniform aspect in [aspect_min, 1/aspect_min]
+    are added while the hidden count stays <= the target ``L - int(L·(1−r))``; a placement gives up
+    after ``attempts`` consecutive rejected rectangles, so a mask may fall short, never over.
+    ``min_block`` defaults to BEiT's 16 patches of a 14x14 grid scaled to this grid (4 for 7x7).
+    The loop runs for the whole batch at once (one lockstep attempt per sample per iteration); the
+    per-sample distribution is the reference one, the random stream is not.
+
+    ``top_up`` (``auto`` = on for ``mae``, off for ``simmim``): add uniformly random hidden tokens
+    until the count equals the target, which drop-style encoders need (spec §2.1 [INTERP]).
+    """
+
+    name = "block"
+    source = "BEiT (arXiv 2106.08254) §2.3; spec §2.1"
+    defaults = {"min_block": None, "max_block": None, "aspect_min": 0.3, "attempts": 10, "top_up": "auto"}
+
+    def plan(self, images, ctx: PlanContext) -> MaskPlan:
+        n = images.shape[0]
+        gh, gw = ctx.grid
+        target = num_hidden(ctx.num_tokens, self.ratio)
+        mask = self.beit_masks(n, gh, gw, target, ctx)
+        top_up = self.top_up if self.top_up != "auto" else self.method == "mae"
+        flat = mask.view(n, -1)
+        if top_up:
+            short = flat.sum(dim=1) < target
+            flat = torch.where(short[:, None], top_up_or_trim(flat, target, ctx), flat)
+        return MaskPlan(mask=flat)
+
+    def beit_masks(self, n: int, gh: int, gw: int, target: int, ctx: PlanContext) -> torch.Tensor:
+        dev = ctx.device
+        min_block = self.min_block or max(1, round(16 * gh * gw / 196))
+        max_block = self.max_block or target
+        mask = torch.zeros(n, gh, gw, dtype=torch.bool, device=dev)
+        count = torch.zeros(n, dtype=torch.long, device=dev)
+        fails = torch.zeros(n, dtype=torch.long, device=dev)
+        active = torch.full((n,), target > 0, dtype=torch.bool, device=dev)
+        rows = torch.arange(gh, device=dev).view(1, gh, 1)
+        cols = torch.arange(gw, device=dev).view(1, 1, gw)
+        log_lo, log_hi = math.log(self.aspect_min), math.log(1 / self.aspect_min)
+        while bool(active.any()):
+            budget = (target - count).clamp(max=max_block).float()
+            u = ctx.rand(n, 4)
+            lo = budget.clamp(max=min_block)
+            hi = budget.clamp(min=min_block)
+            area = lo + (hi - lo) * u[:, 0]
+            aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+            h = torch.sqrt(area * aspect).round().long()
+            w = torch.sqrt(area / aspect).round().long()
+            fits = (h < gh) & (w < gw)  # strict, as in the reference: never the full width/height
+            top = (u[:, 2] * (gh - h + 1).clamp(min=1)).floor().long().view(-1, 1, 1)
+            left = (u[:, 3] * (gw - w + 1).clamp(min=1)).floor().long().view(-1, 1, 1)
+            rect = ((rows >= top) & (rows < top + h.view(-1, 1, 1)) &
+                    (cols >= left) & (cols < left + w.view(-1, 1, 1)))
+            new = (rect & ~mask).sum(dim=(1, 2))
+            ok = active & fits & (new > 0) & (new <= budget.long())
+            mask |= rect & ok.view(-1, 1, 1)
+            count += new * ok
+            fails = torch.where(ok, torch.zeros_like(fails), fails + active.long())
+            active &= (fails < self.attempts) & (count < target)
+        return mask
+
+
+@register
+class CoarseRandomMasking(MaskingStrategy):
+    """SimMIM random masking of coarse cells (Xie et al. 2021, §3.1; ``SimMIM/data/data_simmim.py`` [CODE]).
+
+    The grid is split into ``cell``x``cell``-token cells (SimMIM: 32-px cells of 16-px patches ->
+    2x2); ``ceil(cells·r)`` cells (ceil, as SimMIM) are hidden uniformly at random and up-sampled to
+    tokens. When the grid is not a multiple of ``cell`` (7x7 with 2x2 cells) the cells overhang the
+    last row/column and are cropped, so the realised count varies; ``exact_count`` (``auto`` = on
+    for ``mae``) then hides/reveals random tokens to reach ``L - int(L·(1−r))`` [INTERP].
+    """
+
+    name = "coarse_random"
+    source = "SimMIM (arXiv 2111.09886) §3.1; spec §2.2"
+    defaults = {"cell": 2, "exact_count": "auto"}
+
+    def plan(self, images, ctx: PlanContext) -> MaskPlan:
+        n = images.shape[0]
+        gh, gw = ctx.grid
+        ch, cw = math.ceil(gh / self.cell), math.ceil(gw / self.cell)
+        cells = hide_lowest_first(ctx.rand(n, ch * cw), math.ceil(ch * cw * self.ratio))
+        grid = cells.view(n, ch, cw).repeat_interleave(self.cell, 1).repeat_interleave(self.cell, 2)
+        mask = grid[:, :gh, :gw].reshape(n, -1)
+        exact = self.exact_count if self.exact_count != "auto" else self.method == "mae"
+        if exact:
+            mask = top_up_or_trim(mask, num_hidden(ctx.num_tokens, self.ratio), ctx)
+        return MaskPlan(mask=mask)
