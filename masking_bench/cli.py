@@ -66,6 +66,25 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_masks(args) -> int:
+    from .gallery import AFTER_WARMUP, dump, parse_params, plan_masks, render
+    from .masking import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    masks = plan_masks(args.strategy, args.ratio, seed=args.seed, n=args.n, params=parse_params(args.param),
+                       checkpoint=args.checkpoint, method=args.method, preset=args.model,
+                       epoch=AFTER_WARMUP if args.epoch is None else args.epoch)
+    if args.dump:
+        print(f"wrote {dump(masks, args.dump)}", file=sys.stderr)
+    if args.out or not args.dump:
+        out = args.out or Path(f"masks_{args.strategy}.png")
+        print(f"wrote {render(masks, out)}", file=sys.stderr)
+    ratios = masks["ratio"]
+    print(f"{args.strategy}: hidden ratio mean {ratios.mean():.3f} (min {ratios.min():.3f}, max {ratios.max():.3f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m masking_bench",
                                      description="Benchmark masking strategies for MIM pre-training of ViTs.")
@@ -83,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--suite", default=None, help="only this suite's runs")
     rep.add_argument("--out", type=Path, default=None, help="write here instead of the results folder")
     rep.set_defaults(func=_cmd_report)
+
+    msk = sub.add_parser("masks", help="render / dump a strategy's masks on Fashion-MNIST test images")
+    msk.add_argument("strategy")
+    msk.add_argument("--ratio", type=float, default=0.75)
+    msk.add_argument("--seed", type=int, default=0)
+    msk.add_argument("--n", type=int, default=8, help="the first N test images")
+    msk.add_argument("--checkpoint", default=None, help="a run's checkpoint.pt (else a seeded fresh model)")
+    msk.add_argument("--method", choices=("mae", "simmim"), default="mae")
+    msk.add_argument("--model", default="cpu-tiny", help="model preset when no checkpoint is given")
+    msk.add_argument("--epoch", type=int, default=None, help="planning epoch (default: after any warm-up)")
+    msk.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
+    msk.add_argument("--plugin", action="append", default=[], metavar="FILE")
+    msk.add_argument("--out", type=Path, default=None, help="PNG gallery path")
+    msk.add_argument("--dump", type=Path, default=None, help=".npz path")
+    msk.set_defaults(func=_cmd_masks)
 
     lst = sub.add_parser("list", help="list strategies and suites")
     lst.add_argument("--plugin", action="append", default=[], metavar="FILE")

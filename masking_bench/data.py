@@ -250,10 +250,12 @@ class TensorLoader:
 
     def __init__(self, split: Split, batch_size: int, mean, std, device: torch.device | str = "cpu",
                  seed: int = 0, augment: Augment | None = None, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, max_device_bytes: int = 2 << 30):
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
+        # small sets live on the device; big ones (ImageNet-scale) stay in host memory, batch by batch
+        self.storage = self.device if split.images.nbytes <= max_device_bytes else torch.device("cpu")
+        self.images = split.images.to(self.storage)
+        self.labels = split.labels.to(self.storage)
         self.batch_size = batch_size
         self.seed = seed
         self.augment = augment
@@ -278,13 +280,13 @@ class TensorLoader:
 
     def batches(self, epoch: int, start_step: int = 0):
         """Yield ``(images float (B,C,H,W) normalised, labels)`` from step ``start_step`` of ``epoch``."""
-        order = self.order(epoch).to(self.device)
+        order = self.order(epoch).to(self.storage)
         gen = torch.Generator(device=self.device)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            x = self.images[idx].float()
+            x = self.images[idx].to(self.device, non_blocking=True).float()
             if self.augment is not None:
                 # one generator state per (seed, epoch, step): resuming mid-epoch replays the same crops
                 gen.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + step)
                 x = random_resized_crop(x, self.augment, gen)
-            yield (x - self.mean) * self.inv_std, self.labels[idx]
+            yield (x - self.mean) * self.inv_std, self.labels[idx].to(self.device, non_blocking=True)
