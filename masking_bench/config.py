@@ -89,6 +89,22 @@ class EvalConfig(_Strict):
     random_init: bool = True  # also evaluate an untrained encoder: the floor every strategy must beat
 
 
+class LauncherConfig(_Strict):
+    """Where runs execute. Not part of any run's identity: the same run gives the same numbers anywhere."""
+
+    kind: Literal["local", "debug", "slurm"] = "local"
+    partition: str | None = None
+    gpus_per_node: int = Field(0, ge=0)
+    tasks_per_node: int = Field(1, ge=1)  # >1: DDP with one process per task
+    cpus_per_task: int = Field(2, ge=1)
+    mem_gb: float = Field(8, gt=0)
+    timeout_min: int = Field(60, gt=0)
+    array_parallelism: int = Field(16, ge=1)
+    max_array_size: int = Field(500, ge=1)
+    additional_parameters: dict[str, Any] = Field(default_factory=dict)  # extra sbatch options
+    folder: str | None = None  # submitit logs; default <results>/submitit/<suite>
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
@@ -103,6 +119,7 @@ class Suite(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)  # extra axes: dotted field -> values
     plugins: list[str] = Field(default_factory=list)  # strategy files loaded by path
     device: str = "auto"
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
 
     @field_validator("strategies", mode="before")
     @classmethod
