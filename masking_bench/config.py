@@ -82,10 +82,38 @@ class KnnConfig(_Strict):
     temperature: float = Field(0.07, gt=0)
 
 
+class LowShotConfig(_Strict):
+    """Linear probe and kNN with few labels per class, averaged over fixed label draws (same for every run)."""
+
+    shots: list[int] = Field(default_factory=lambda: [10, 100])
+    draws: int = Field(5, ge=1)
+    probe_steps: int = Field(300, gt=0)  # AdamW steps of the head, batch min(256, n)
+
+
+class FinetuneConfig(_Strict):
+    """End-to-end fine-tuning: layer-wise lr decay, drop path, label smoothing (MAE protocol, spec §7.1)."""
+
+    enabled: bool = False
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(256, gt=0)
+    base_lr: float = Field(1e-3, gt=0)  # per 256 images
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(0.5, ge=0)
+    train_subset: int | None = Field(None, gt=0)
+    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(scale=(0.5, 1.0)))
+
+
 class EvalConfig(_Strict):
     pool: Literal["mean", "cls"] = "mean"
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     knn: KnnConfig = Field(default_factory=KnnConfig)
+    low_shot: LowShotConfig | None = None
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    every: int | None = Field(None, gt=0)  # also evaluate after every k-th epoch (convergence curves)
+    every_protocols: list[Literal["probe", "knn", "low_shot"]] = Field(default_factory=lambda: ["knn"])
     random_init: bool = True  # also evaluate an untrained encoder: the floor every strategy must beat
 
 

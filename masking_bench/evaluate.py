@@ -84,17 +84,58 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     return 100.0 * correct / test_n.shape[0]
 
 
-def evaluate_encoder(model, dataset: Dataset, cfg: EvalConfig, seed: int, device) -> dict[str, float]:
-    """The suite's locked recipe on one encoder: ``probe_top1``, ``knn_top1`` and their cost."""
+def low_shot_indices(labels: torch.Tensor, shots: int, draw: int, num_classes: int) -> torch.Tensor:
+    """``shots`` images per class, drawn with a fixed seed per (shots, draw): identical for every run."""
+    gen = torch.Generator().manual_seed(10_000 * shots + draw)
+    picks = []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:shots]])
+    return torch.cat(picks).sort().values
+
+
+def evaluate_encoder(model, dataset: Dataset, cfg: EvalConfig, seed: int, device,
+                     protocols: tuple[str, ...] = ("probe", "knn", "low_shot")) -> dict[str, float]:
+    """The suite's locked recipe on one encoder -> ``<protocol>_top1`` values and their cost.
+
+    probe / knn: on ``probe.train_subset`` of the train split; low_shot (when configured):
+    ``probe_<k>shot`` / ``knn_<k>shot`` = mean over ``draws`` class-balanced label draws of k images
+    per class (per-draw values in ``..._top1_draws``). All use the same test images.
+    """
     start = time.perf_counter()
-    train = dataset.train.subset(cfg.probe.train_subset, seed=12345)
     test = dataset.test.subset(cfg.probe.test_subset, seed=54321)
-    ftr = extract_features(model, train, dataset.mean, dataset.std, cfg.pool, device=device)
-    fte = extract_features(model, test, dataset.mean, dataset.std, cfg.pool, device=device)
-    t_feat = time.perf_counter() - start
-    probe = linear_probe(ftr, train.labels, fte, test.labels, dataset.num_classes, cfg.probe.epochs,
-                         cfg.probe.batch_size, cfg.probe.lr, cfg.probe.weight_decay, seed=seed)
-    knn = knn_top1(ftr, train.labels, fte, test.labels, dataset.num_classes, cfg.knn.k, cfg.knn.temperature)
-    return {"probe_top1": probe, "knn_top1": knn, "eval_feature_seconds": t_feat,
-            "eval_seconds": time.perf_counter() - start,
-            "eval_train_images": len(train), "eval_test_images": len(test)}
+    feats = lambda split: extract_features(model, split, dataset.mean, dataset.std, cfg.pool, device=device)  # noqa: E731
+    fte = feats(test)
+    out: dict[str, float | list] = {}
+    if "probe" in protocols or "knn" in protocols:
+        train = dataset.train.subset(cfg.probe.train_subset, seed=12345)
+        ftr = feats(train)
+        if "probe" in protocols:
+            out["probe_top1"] = linear_probe(ftr, train.labels, fte, test.labels, dataset.num_classes,
+                                             cfg.probe.epochs, cfg.probe.batch_size, cfg.probe.lr,
+                                             cfg.probe.weight_decay, seed=seed)
+        if "knn" in protocols:
+            out["knn_top1"] = knn_top1(ftr, train.labels, fte, test.labels, dataset.num_classes,
+                                       cfg.knn.k, cfg.knn.temperature)
+        out["eval_train_images"] = len(train)
+    if "low_shot" in protocols and cfg.low_shot is not None:
+        ls = cfg.low_shot
+        for shots in ls.shots:
+            probes, knns = [], []
+            for draw in range(ls.draws):
+                idx = low_shot_indices(dataset.train.labels, shots, draw, dataset.num_classes)
+                sub = Split(dataset.train.images[idx], dataset.train.labels[idx])
+                fsub = feats(sub)
+                batch = min(256, len(sub))
+                epochs = max(1, -(-ls.probe_steps // max(1, len(sub) // batch)))
+                probes.append(linear_probe(fsub, sub.labels, fte, test.labels, dataset.num_classes, epochs,
+                                           batch, cfg.probe.lr, cfg.probe.weight_decay, seed=seed + draw))
+                knns.append(knn_top1(fsub, sub.labels, fte, test.labels, dataset.num_classes,
+                                     min(cfg.knn.k, len(sub)), cfg.knn.temperature))
+            out[f"probe_{shots}shot_top1"] = sum(probes) / len(probes)
+            out[f"knn_{shots}shot_top1"] = sum(knns) / len(knns)
+            out[f"probe_{shots}shot_top1_draws"] = probes
+            out[f"knn_{shots}shot_top1_draws"] = knns
+    out["eval_test_images"] = len(test)
+    out["eval_seconds"] = time.perf_counter() - start
+    return out

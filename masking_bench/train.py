@@ -129,7 +129,7 @@ def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | N
     model = make_model(spec, dataset).to(device)
     t = spec.train
     summary: dict[str, Any] = {"run_hash": spec.run_hash, "suite": spec.suite, "kind": spec.kind,
-                               "strategy": spec.label, "ratio": spec.ratio, "seed": spec.seed,
+                               "strategy": spec.label, "strategy_name": spec.strategy.name, "ratio": spec.ratio, "seed": spec.seed,
                                "method": spec.method, "model": spec.model.preset,
                                "params_encoder": sum(p.numel() for p in model.encoder_parameters()),
                                "params_total": sum(p.numel() for p in model.parameters()),
@@ -142,14 +142,50 @@ def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | N
         summary["epochs"] = t.epochs
         rows = record.read_metrics()
         summary["final_loss"] = rows[-1]["loss"] if rows else None
-        summary["train_img_per_s"] = (sum(r["images"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9))
+        summary["train_img_per_s"] = sum(r["images"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9)
+        summary["plan_share"] = sum(r["plan_share"] for r in rows) / max(len(rows), 1)
+        summary["flops_per_image"] = training_flops_per_image(model, strategy, spec, dataset, device)
     else:
         summary["epochs"] = 0
-    metrics = evaluate_encoder(model, dataset, spec.eval, spec.seed, device)
-    summary.update(metrics)
+    summary.update(evaluate_encoder(model, dataset, spec.eval, spec.seed, device))
+    if spec.eval.finetune.enabled:
+        from .finetune import finetune_top1
+
+        summary.update(finetune_top1(model.state_dict(), spec, dataset, device, spec.seed))
+    if spec.kind == "pretrain" and t.epochs > 0:  # the final point of the convergence curve
+        rows = record.read_metrics()
+        final = {k: v for k, v in summary.items() if k.endswith("_top1")}
+        record.append_metrics({**rows[-1], "eval": {**rows[-1].get("eval", {}), **final}})
+    summary["peak_mem_mb"] = peak_memory_mb(device)
     summary["train_seconds"] = train_seconds
     summary["wall_seconds"] = time.perf_counter() - wall0
     return summary
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory of this process (CUDA), else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def training_flops_per_image(model, strategy, spec: RunSpec, dataset: Dataset, device) -> float:
+    """FLOPs of one training step (forward + backward, as counted by torch.utils.flop_counter) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loader = TensorLoader(dataset.train.subset(spec.train.batch_size, seed=0), spec.train.batch_size,
+                          dataset.mean, dataset.std, device=device, seed=spec.seed)
+    x, _ = next(loader.batches(0))
+    gen = torch.Generator(device=device).manual_seed(spec.seed)
+    ctx = PlanContext(model, model.grid, gen, epoch=spec.train.epochs, total_epochs=spec.train.epochs, method=spec.method)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _, _, _ = _step(model, strategy, ctx, x, None)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
 
 
 def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device, progress, stop_after_steps) -> float:
@@ -214,6 +250,12 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
                "mask_ratio_mean": r.mean().item(), "mask_ratio_min": r.min().item(),
                "mask_ratio_max": r.max().item(), "plan_share": sums["plan_seconds"] / seconds}
         row.update({f"loss_{k}": v / steps_per_epoch for k, v in term_sums.items()} if len(term_sums) > 1 else {})
+        ev = spec.eval
+        if ev.every and (epoch + 1) % ev.every == 0 and epoch + 1 < t.epochs:
+            row["eval"] = {k: v for k, v in evaluate_encoder(model, dataset, ev, spec.seed, device,
+                                                             tuple(ev.every_protocols)).items()
+                           if k.endswith("_top1")}
+            model.train()
         record.append_metrics(row)  # before the checkpoint: a kill in between only redoes this epoch
         _save_checkpoint(record, model, opt, epoch + 1)
         if bar is not None:
