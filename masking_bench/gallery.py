@@ -81,6 +81,9 @@ def plan_masks(strategy_name: str, ratio: float, seed: int = 0, n: int = 8, para
         "base_ratio": np.float32(ratio),
     }
     for key, value in plan.diagnostics.items():
+        key = "target_ratio" if key == "ratio" else key  # the realised ratio keeps the name 'ratio'
+        if key in out and key != "base_ratio":
+            continue
         if isinstance(value, torch.Tensor):
             out[key] = value.detach().float().cpu().numpy()
         elif isinstance(value, (int, float)):

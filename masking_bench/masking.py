@@ -78,9 +78,15 @@ class PlanContext:
         return torch.rand(*shape, generator=self.generator, device=self.device)
 
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch + position embeddings of the current model, (N, L, D), without gradient."""
-        with torch.no_grad():
-            return self.model.embed(images).float()
+        """Patch + position embeddings of the current model, (N, L, D), float32, no gradient, no autocast."""
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            return self.model.embed(images.float()).float()
+
+    def attention(self, images: torch.Tensor, block: int = 0) -> torch.Tensor:
+        """Real attention probabilities (N, heads, 1+L, 1+L) of an encoder block on all tokens, cls
+        first; float32, no gradient, no autocast. Costs the blocks up to ``block``."""
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            return self.model.block_attention(images.float(), block).float()
 
 
 # --------------------------------------------------------------------------------- base class

@@ -182,6 +182,14 @@ class MIMViT(nn.Module):
         x = x + blk.drop_path1(blk.ls1(y))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
+    def block_attention(self, imgs: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """Attention probabilities (N, heads, 1+L, 1+L) of encoder block ``index`` on all tokens (cls first)."""
+        out = ModelOutput(pred=None, mask=None)  # type: ignore[arg-type]
+        x = self._with_cls(self.embed(imgs))
+        for i, blk in enumerate(self.blocks[: index + 1]):
+            x = self._block_with_probs(blk, x, None, i, out) if i == index else blk(x)
+        return out.attention[index]
+
     def forward_features(self, imgs: torch.Tensor, pool: str = "mean") -> torch.Tensor:
         """Frozen-feature view used by every evaluation: all tokens, no mask; ``mean`` or ``cls`` pooling."""
         x = self._with_cls(self.embed(imgs))

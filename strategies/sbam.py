@@ -1,0 +1,273 @@
+"""Salience-based masking: SBM (fixed ratio) and SBAM + adaptive masking ratio (spec §5, §6).
+
+Choi, Park, Yi, Cha, Min, "Salience-Based Adaptive Masking: Revisiting Token Dynamics for Enhanced
+Pre-training", arXiv 2404.08327 / ECCV 2024. The paper's method section was not readable when the
+spec was written; the primary source is the official code, ``doihye/SBAM`` ``models_mae.py``
+``MaskedAutoencoderViT.saliency_guided_masking`` (spec §9) [CODE].
+
+Provenance of each piece (tags as in spec §0.1):
+
+* [CODE] salience from the current model's patch + position embeddings ``E`` (cls not appended),
+  affinity ``E Eᵀ`` without ``1/√D``, row softmax, column sum ("outgoing attention"), per-sample
+  min–max; score ``ŝ + U[0, 0.5)`` (``rand / 2``); argsort ascending, keep the ``K = int(L(1−r))``
+  lowest scores, hide the rest (spec §5.1, §5.2). AMR: ``y = #{ŝ > δ}`` (strict), batch-mean
+  fraction, ``r = r0 − Δ + 2Δ·ȳ``, one ``K`` for the whole batch, computed in float32 with the
+  reference's operation order (spec §6.1).
+* [CODE, fixed as spec §5.5] ``+1e-6`` in the min–max denominator (the reference has none and gives
+  NaN on a constant row); AMR ratio clamped to [0, 1) and ``K >= 1``.
+* [INTERP] everything the sources do not define: ``Δ = 0.10`` and ``δ = 0.5`` (third-party defaults,
+  NOT from the paper, spec §6.2); the per-sample AMR ``mode='sample'`` (spec §6.1 step 3, §6.4); the
+  random-masking warm-up (spec §5.4: the README resumes from a 100-epoch checkpoint whose training is
+  not described); the first-block attention salience (spec §5.6 (a)); the ``1/√D`` ablation (spec §5.5).
+
+Precision: the affinity is computed in float32 with autocast disabled (the embeddings too), so a
+``bf16`` training run plans the same masks as a float32 one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from masking_bench.errors import BenchError
+from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_lowest_first, num_hidden, register
+
+SALIENCE_SOURCES = ("embeddings", "attention")
+AMR_MODES = ("batch", "sample")
+MINMAX_EPS = 1e-6
+
+
+def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
+    """Per-row min–max to [0, 1] with ``+1e-6`` in the denominator (spec §5.2 step 4)."""
+    lo = s.min(dim=1, keepdim=True).values
+    hi = s.max(dim=1, keepdim=True).values
+    return (s - lo) / (hi - lo + MINMAX_EPS)
+
+
+def embedding_salience(emb: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+    """Raw SBAM salience (N, L) from embeddings (N, L, D): column sums of ``softmax_rows(E Eᵀ)``.
+
+    ``scaled`` divides the logits by ``√D`` (spec §5.5 ablation, not the reference).
+    """
+    emb = emb.float()
+    logits = emb @ emb.transpose(1, 2)
+    if scaled:
+        logits = logits / math.sqrt(emb.shape[-1])
+    return logits.softmax(dim=2).sum(dim=1)
+
+
+def first_block_attention_salience(ctx: PlanContext, images: torch.Tensor) -> torch.Tensor:
+    """Raw salience (N, L) from the real attention of the model's first encoder block [INTERP, §5.6 (a)].
+
+    Sequence = cls + all L patch tokens (what every encoder pass of :class:`MIMViT` holds, with
+    cls first); probabilities ``softmax(q kᵀ / √d_head)`` of block 0, averaged over heads, summed
+    over all L + 1 queries (cls query included); the cls key column is dropped, since cls is never
+    masked. Costs one full-token block per step.
+    """
+    probs = ctx.attention(images, block=0)  # (N, heads, T, T)
+    received = probs.mean(dim=1).sum(dim=1)  # (N, T): attention each key receives
+    return received[:, 1:].float()
+
+
+@register
+class SalienceMasking(MaskingStrategy):
+    """SBM — salience-based masking at a fixed ratio (SBAM paper, spec §5; paper section not verified) [CODE].
+
+    Per batch, from the current model (no gradient, float32):
+    ``S = E Eᵀ`` on patch + position embeddings ``E`` (N, L, D), row softmax, salience ``s[j] =
+    Σ_i softmax(S)[i, j]``, ``ŝ = (s − min) / (max − min + 1e-6)`` per sample; score ``ŝ + u`` with
+    ``u = rand · noise_scale`` (reference: ``rand / 2``); keep the ``int(L(1−r))`` lowest scores and
+    hide the rest, exactly MAE's argsort rule (``hide_lowest_first``), so every sample hides
+    ``L − int(L(1−r))`` tokens and the most salient tokens are hidden first.
+
+    Parameters:
+      noise_scale (0.5, [CODE] constant): amplitude of the uniform noise; 0 = pure salience top-k.
+      scaled (False): divide the affinity by ``√D`` — ablation of spec §5.5, [INTERP].
+      salience_source ('embeddings'): 'embeddings' is the reference [CODE]; 'attention' is spec §5.6
+        variant (a), [INTERP], label "SBM-attn-variant": the first encoder block's real attention on
+        cls + all L tokens (see :func:`first_block_attention_salience`). It costs one extra
+        attention layer on L + 1 tokens per step; ``scaled`` does not apply to it (the real
+        attention is already scaled by ``1/√d_head``).
+      warmup_epochs (0): epochs ``< warmup_epochs`` use plain MAE random masking (same noise draw
+        as ``random``, so the plan equals the ``random`` strategy's for the same generator state).
+        The official recipe resumes SBAM from a 100-epoch warm-up checkpoint (spec §5.4); that the
+        warm-up is random masking is [INTERP]. The warm-up epochs count in the run's epoch budget.
+
+    ``needs`` and ``interpretation`` are class attributes (reported by ``masking-bench list``); an
+    instance overrides them when configured away from the reference: ``salience_source='attention'``
+    -> ``needs={'attention'}``; attention source, ``scaled=True`` or ``warmup_epochs > 0`` ->
+    ``interpretation=True``. ``describe()`` (stored in every run record) reports the instance values,
+    plus ``variant`` and ``deviations`` (each non-reference setting, with its spec section).
+
+    Diagnostics: ``salience`` (N, L) = ŝ, ``base_ratio`` (float) = r. During warm-up only
+    ``base_ratio`` and ``warmup`` (True) are given (no salience is computed).
+    """
+
+    name = "sbam"
+    source = ("SBAM/SBM (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
+              "saliency_guided_masking; spec §5")
+    needs = frozenset({"embeddings"})
+    defaults: dict[str, Any] = {"noise_scale": 0.5, "scaled": False, "salience_source": "embeddings",
+                                "warmup_epochs": 0}
+
+    def __init__(self, ratio: float, method: str = "mae", **params: Any):
+        super().__init__(ratio, method=method, **params)
+        if self.salience_source not in SALIENCE_SOURCES:
+            raise BenchError(f"strategy '{self.name}': salience_source '{self.salience_source}' is not one of "
+                             f"{', '.join(SALIENCE_SOURCES)}")
+        if not float(self.noise_scale) >= 0.0:
+            raise BenchError(f"strategy '{self.name}': noise_scale {self.noise_scale} must be >= 0")
+        if int(self.warmup_epochs) != self.warmup_epochs or self.warmup_epochs < 0:
+            raise BenchError(f"strategy '{self.name}': warmup_epochs {self.warmup_epochs} must be an integer >= 0")
+        if self.scaled and self.salience_source == "attention":
+            raise BenchError(f"strategy '{self.name}': scaled=True applies to salience_source='embeddings' only "
+                             "(the encoder's attention is already scaled)")
+        self.noise_scale = float(self.noise_scale)
+        self.warmup_epochs = int(self.warmup_epochs)
+        if self.salience_source == "attention":
+            self.needs = frozenset({"attention"})  # instance override of the class attribute
+        if self.deviations():
+            self.interpretation = True  # instance override: describe() reports it
+
+    # ------------------------------------------------------------------------------ reporting
+    def deviations(self) -> list[str]:
+        """Settings of this instance that depart from the reference code, with their spec section."""
+        out = []
+        if self.salience_source == "attention":
+            out.append("salience_source=attention: first-block attention, cls included (spec §5.6 (a)) [INTERP]")
+        if self.scaled:
+            out.append("scaled: affinity divided by sqrt(D) (spec §5.5 ablation) [INTERP]")
+        if self.warmup_epochs:
+            out.append(f"warmup_epochs={self.warmup_epochs}: MAE random masking first (spec §5.4) [INTERP]")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        notes = self.deviations()
+        if self.noise_scale != 0.5:
+            notes.append(f"noise_scale={self.noise_scale} (reference hard-codes 0.5, spec §5.2)")
+        info["variant"] = "SBM-attn-variant" if self.salience_source == "attention" else "SBM"
+        info["deviations"] = notes
+        return info
+
+    # ------------------------------------------------------------------------------- planning
+    def salience(self, images: torch.Tensor, ctx: PlanContext) -> torch.Tensor:
+        """Normalised salience ŝ (N, L) in [0, 1], float32, no gradient, autocast off."""
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            if self.salience_source == "attention":
+                raw = first_block_attention_salience(ctx, images.float())
+            else:
+                raw = embedding_salience(ctx.embeddings(images.float()), self.scaled)
+            return minmax_normalise(raw)
+
+    def hidden_counts(self, sal: torch.Tensor, num_tokens: int) -> tuple[int | torch.Tensor, torch.Tensor]:
+        """How many tokens each sample hides, and the per-sample target ratio (N,). SBM: fixed."""
+        ratio = torch.full((sal.shape[0],), self.ratio, dtype=torch.float32, device=sal.device)
+        return num_hidden(num_tokens, self.ratio), ratio
+
+    def warmup_plan(self, images: torch.Tensor, ctx: PlanContext) -> MaskPlan:
+        """Plain MAE random masking at the base ratio (identical noise draw to ``random``)."""
+        noise = ctx.rand(images.shape[0], ctx.num_tokens)
+        mask = hide_lowest_first(noise, num_hidden(ctx.num_tokens, self.ratio))
+        return MaskPlan(mask=mask, diagnostics={"base_ratio": self.ratio, "warmup": True})
+
+    def plan(self, images: torch.Tensor, ctx: PlanContext) -> MaskPlan:
+        if ctx.epoch < self.warmup_epochs:
+            return self.warmup_plan(images, ctx)
+        n, length = images.shape[0], ctx.num_tokens
+        sal = self.salience(images, ctx)
+        hidden, ratio = self.hidden_counts(sal, length)
+        noise = ctx.rand(n, length) * self.noise_scale  # = the reference's rand / 2 bit for bit at 0.5
+        scores = sal.to(noise.device) + noise
+        if isinstance(hidden, torch.Tensor):
+            hidden = hidden.to(noise.device)
+        mask = hide_lowest_first(scores, hidden)
+        diagnostics = {"salience": sal, "base_ratio": self.ratio}
+        diagnostics.update(self.extra_diagnostics(sal, ratio))
+        return MaskPlan(mask=mask, diagnostics=diagnostics)
+
+    def extra_diagnostics(self, sal: torch.Tensor, ratio: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+
+@register
+class SalienceAdaptiveRatio(SalienceMasking):
+    """SBAM = SBM + Adaptive Masking Ratio (SBAM paper, spec §6; paper section not verified).
+
+    Count per sample ``y_n = #{j : ŝ_n[j] > δ}`` (strict), ``r = r0 − Δ + 2Δ·(y / L)``, clamped to
+    [0, 1) with ``K >= 1`` visible, ``K = int(L(1−r))``; then the tokens are chosen exactly as SBM
+    (:class:`SalienceMasking`). ``r0`` is the run's masking ratio.
+
+    Parameters (besides SBM's noise_scale / scaled / salience_source / warmup_epochs):
+      delta_ratio (Δ, 0.10) and threshold (δ, 0.5): NOT from the paper — the official code and the
+        readable docs give no default; these are a third-party re-use's defaults, [INTERP] (spec §6.2).
+      mode ('batch'): 'batch' is the released code [CODE]: one ratio from the batch-mean fraction
+        ``ȳ = mean_n(y_n) / L`` and one ``K`` for the whole batch, in float32 with the reference's
+        operation order (so ``K`` matches it bit for bit, including truncation at float32 rounding
+        boundaries). 'sample' [INTERP] (spec §6.1 step 3, "tailored to each sample"): each image its
+        own ``r_n`` and ``K_n`` (same arithmetic per sample); the mask then has ragged counts — the
+        ``mae`` model pads the visible set and blocks padded keys (spec §6.4); ``simmim`` needs nothing.
+
+    During warm-up (``epoch < warmup_epochs``) the plan is MAE random masking at ``r0``.
+    Class ``interpretation = True``: the defaults of Δ and δ are not the paper's.
+
+    Diagnostics: ``salience`` (N, L), ``base_ratio`` (float r0), ``ratio`` (N,) the target ratio of
+    each sample (batch mode: the shared one), ``salient_fraction`` (N,) = ``y_n / L``.
+    """
+
+    name = "sbam_amr"
+    interpretation = True
+    source = ("SBAM + AMR (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
+              "saliency_guided_masking; spec §6")
+    defaults: dict[str, Any] = {**SalienceMasking.defaults, "delta_ratio": 0.10, "threshold": 0.5, "mode": "batch"}
+
+    def __init__(self, ratio: float, method: str = "mae", **params: Any):
+        super().__init__(ratio, method=method, **params)
+        if self.mode not in AMR_MODES:
+            raise BenchError(f"strategy '{self.name}': mode '{self.mode}' is not one of {', '.join(AMR_MODES)}")
+        if not float(self.delta_ratio) >= 0.0:
+            raise BenchError(f"strategy '{self.name}': delta_ratio {self.delta_ratio} must be >= 0")
+        self.delta_ratio = float(self.delta_ratio)
+        self.threshold = float(self.threshold)
+
+    def deviations(self) -> list[str]:
+        out = super().deviations()
+        out.append(f"delta_ratio={self.delta_ratio}, threshold={self.threshold}: not from the paper (spec §6.2) [INTERP]")
+        if self.mode == "sample":
+            out.append("mode=sample: per-sample ratio, ragged counts (spec §6.1 step 3, §6.4) [INTERP]")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["variant"] = f"SBAM-AMR-{self.mode}" + ("-attn" if self.salience_source == "attention" else "")
+        return info
+
+    def salient_fraction(self, sal: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """(N,) ``y_n / L`` in float32, as the reference (``y.float() ... / y_max``)."""
+        return (sal > self.threshold).sum(dim=1).float() / num_tokens
+
+    def hidden_counts(self, sal: torch.Tensor, num_tokens: int) -> tuple[int | torch.Tensor, torch.Tensor]:
+        n = sal.shape[0]
+        y = (sal > self.threshold).sum(dim=1)
+        if self.mode == "batch":
+            frac = y.float().mean() / num_tokens  # 0-d float32, the reference's ``y_normalized``
+        else:
+            frac = y.float() / num_tokens  # (N,)
+        ratio = self.ratio - self.delta_ratio + 2 * self.delta_ratio * frac  # float32, reference op order
+        ratio = ratio.clamp(min=0.0, max=1.0)
+        keep = (num_tokens * (1 - ratio)).long().clamp(min=1, max=num_tokens)  # int(): truncation
+        hidden = num_tokens - keep
+        if self.mode == "batch":
+            return int(hidden), ratio.expand(n).clone()
+        return hidden, ratio
+
+    def extra_diagnostics(self, sal: torch.Tensor, ratio: torch.Tensor) -> dict[str, Any]:
+        return {"ratio": ratio, "salient_fraction": self.salient_fraction(sal, sal.shape[1])}
+
+    def warmup_plan(self, images: torch.Tensor, ctx: PlanContext) -> MaskPlan:
+        plan = super().warmup_plan(images, ctx)
+        plan.diagnostics["ratio"] = torch.full((images.shape[0],), self.ratio, dtype=torch.float32,
+                                              device=plan.mask.device)
+        return plan
