@@ -50,6 +50,14 @@ class MaskPlan:
     record_attention: tuple[int, ...] = ()
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
+    def narrow(self, start: int, length: int) -> "MaskPlan":
+        """The plan of samples ``start .. start+length`` (one DDP rank's share of a global batch)."""
+        cut = lambda v: v.narrow(0, start, length) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v  # noqa: E731
+        n = self.mask.shape[0]
+        return MaskPlan(mask=cut(self.mask), view=cut(self.view), target=cut(self.target),
+                        isolate_mask_tokens=self.isolate_mask_tokens, record_attention=self.record_attention,
+                        diagnostics={k: cut(v) for k, v in self.diagnostics.items()})
+
     def realised_ratio(self) -> torch.Tensor:
         """Per-sample fraction of hidden tokens, (N,)."""
         return self.mask.float().mean(dim=1)

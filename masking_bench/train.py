@@ -9,9 +9,11 @@ resumed from its last epoch checkpoint replays exactly what an uninterrupted run
 from __future__ import annotations
 
 import math
+import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +21,7 @@ import torch
 
 from .config import RunSpec
 from .data import Augment, Dataset, TensorLoader, load_dataset
-from .errors import NonFiniteLossError
+from .errors import BenchError, NonFiniteLossError
 from .evaluate import evaluate_encoder
 from .masking import MaskingStrategy, PlanContext, build_strategy, load_plugin
 from .models import MIMViT, build_model
@@ -101,15 +103,51 @@ def _save_checkpoint(record: RunRecord, model, opt, epoch_done: int) -> None:
     atomic_write_bytes(record.checkpoint_path, buf.getvalue())
 
 
-def _step(model, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor, amp_dtype):
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a data-parallel run (world 1 = a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group described by torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT);
+    submitit tasks get them from ``submitit.helpers.TorchDistributedEnvironment().export()``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def _step(model, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor, amp_dtype,
+          dist_info: DistInfo = DistInfo(), forward=None):
+    """Plan on the whole (global) batch, then compute this rank's share of the loss.
+
+    Every rank plans the identical global plan (same generator state, same weights), so a DDP run
+    sees exactly the masks of a single-process run with the same global batch.
+    """
     with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         t0 = time.perf_counter()
         plan = strategy.plan(x, ctx)
         t_plan = time.perf_counter() - t0
-        view = plan.view if plan.view is not None else x
-        out = model(view, plan.mask, isolate_mask_tokens=plan.isolate_mask_tokens,
-                    record_attention=plan.record_attention)
-        terms = strategy.losses(model, out, plan, view)
+        local = plan
+        if dist_info.world > 1:
+            share = x.shape[0] // dist_info.world
+            local = plan.narrow(dist_info.rank * share, share)
+            x = x.narrow(0, dist_info.rank * share, share)
+        view = local.view if local.view is not None else x
+        out = (forward or model)(view, local.mask, isolate_mask_tokens=local.isolate_mask_tokens,
+                                 record_attention=local.record_attention)
+        terms = strategy.losses(model, out, local, view)
     loss = sum(terms.values())
     return loss, terms, plan, t_plan
 
@@ -125,6 +163,9 @@ def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | N
     for plugin in spec.plugins:
         load_plugin(plugin)
     device = pick_device(spec.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    dist_info = init_distributed(device)
     dataset = get_dataset(spec)
     model = make_model(spec, dataset).to(device)
     t = spec.train
@@ -138,7 +179,10 @@ def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | N
     if spec.kind == "pretrain" and t.epochs > 0:
         strategy = build_strategy(spec.strategy.name, spec.ratio, spec.method, spec.strategy.params)
         summary["strategy_info"] = strategy.describe()
-        train_seconds = _pretrain(spec, record, model, strategy, dataset, device, progress, stop_after_steps)
+        train_seconds = _pretrain(spec, record, model, strategy, dataset, device, progress if dist_info.main else None,
+                                  stop_after_steps, dist_info)
+        if not dist_info.main:  # evaluation and records belong to rank 0
+            return None
         summary["epochs"] = t.epochs
         rows = record.read_metrics()
         summary["final_loss"] = rows[-1]["loss"] if rows else None
@@ -188,8 +232,17 @@ def training_flops_per_image(model, strategy, spec: RunSpec, dataset: Dataset, d
     return counter.get_total_flops() / x.shape[0]
 
 
-def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device, progress, stop_after_steps) -> float:
+def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device, progress, stop_after_steps,
+              dist_info: DistInfo = DistInfo()) -> float:
     t = spec.train
+    forward = None
+    if dist_info.world > 1:
+        if t.batch_size % dist_info.world:
+            raise BenchError(f"train.batch_size {t.batch_size} must be a multiple of the {dist_info.world} processes")
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    writes = dist_info.main
     train_split = dataset.train.subset(spec.data.train_subset, seed=spec.seed)
     aug = Augment(tuple(t.augment.scale), tuple(t.augment.ratio), t.augment.flip)
     loader = TensorLoader(train_split, t.batch_size, dataset.mean, dataset.std, device=device,
@@ -201,7 +254,8 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epochs_done"])
-    record.truncate_metrics(start_epoch)
+    if writes:
+        record.truncate_metrics(start_epoch)
     amp_dtype = torch.bfloat16 if t.amp == "bf16" else None
     gen = torch.Generator(device=device)
     ctx = PlanContext(model, model.grid, gen, total_epochs=t.epochs, method=spec.method)
@@ -224,7 +278,7 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
                 group["lr"] = lr
             gen.manual_seed(mask_seed(spec.seed, epoch, step))
             ctx.step = global_step
-            loss, terms, plan, t_plan = _step(model, strategy, ctx, x, amp_dtype)
+            loss, terms, plan, t_plan = _step(model, strategy, ctx, x, amp_dtype, dist_info, forward)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"run {spec.run_hash} ({spec.short()}): loss became {loss.item()} at epoch {epoch} step {step}; "
@@ -234,6 +288,10 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
             if t.clip_grad:
                 torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
             opt.step()
+            if dist_info.world > 1:  # log the global-batch loss (mean of the ranks' equal shares)
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= dist_info.world
             sums["loss"] += loss.item()
             sums["plan_seconds"] += t_plan
             for k, v in terms.items():
@@ -251,13 +309,16 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
                "mask_ratio_max": r.max().item(), "plan_share": sums["plan_seconds"] / seconds}
         row.update({f"loss_{k}": v / steps_per_epoch for k, v in term_sums.items()} if len(term_sums) > 1 else {})
         ev = spec.eval
-        if ev.every and (epoch + 1) % ev.every == 0 and epoch + 1 < t.epochs:
+        if writes and ev.every and (epoch + 1) % ev.every == 0 and epoch + 1 < t.epochs:
             row["eval"] = {k: v for k, v in evaluate_encoder(model, dataset, ev, spec.seed, device,
                                                              tuple(ev.every_protocols)).items()
                            if k.endswith("_top1")}
             model.train()
-        record.append_metrics(row)  # before the checkpoint: a kill in between only redoes this epoch
-        _save_checkpoint(record, model, opt, epoch + 1)
+        if writes:
+            record.append_metrics(row)  # before the checkpoint: a kill in between only redoes this epoch
+            _save_checkpoint(record, model, opt, epoch + 1)
+        if dist_info.world > 1:
+            torch.distributed.barrier()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row['img_per_s']:.0f}")
