@@ -1,5 +1,9 @@
 """Run records on disk: one folder per run hash, atomic writes, an exclusive lock, and a status file.
 
+Finished runs can also be archived as compact records (config, metrics, summary; no checkpoint) in
+``<results>/records/<suite>/<hash>/``, which are committed to git: a run found there counts as done,
+so a study resumes on another machine by running only what is missing.
+
 ``<results>/runs/<suite>/<hash>/`` holds ``config.yaml`` (the resolved run), ``metrics.jsonl`` (one
 line per epoch), ``summary.json`` (final metrics, wall time, versions, git commit), ``status.json``
 (pending | running | done | failed, with the reason) and ``checkpoint.pt`` (latest epoch).
@@ -23,6 +27,7 @@ from .config import RunSpec, spec_from_dict
 from .errors import BenchError
 
 STATES = ("pending", "running", "done", "failed")
+COMPACT_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -34,6 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,6 +61,7 @@ class RunRecord:
     def __init__(self, root: Path, spec: RunSpec):
         self.spec = spec
         self.dir = Path(root) / "runs" / spec.suite / spec.run_hash
+        self.archive_dir = Path(root) / "records" / spec.suite / spec.run_hash
 
     # ---- paths
     @property
@@ -78,16 +85,20 @@ class RunRecord:
         return self.dir / "checkpoint.pt"
 
     # ---- status
+    def is_archived(self) -> bool:
+        return (self.archive_dir / "summary.json").is_file()
+
     def status(self) -> dict[str, Any]:
         if not self.status_path.is_file():
-            return {"state": "pending"}
+            return {"state": "done", "archived": True} if self.is_archived() else {"state": "pending"}
         try:
             return json.loads(self.status_path.read_text())
         except (OSError, json.JSONDecodeError):
             return {"state": "pending"}
 
     def is_done(self) -> bool:
-        return self.status().get("state") == "done" and self.summary_path.is_file()
+        live = self.status_path.is_file() and self.status().get("state") == "done" and self.summary_path.is_file()
+        return live or self.is_archived()
 
     def set_status(self, state: str, **extra: Any) -> None:
         assert state in STATES
@@ -100,9 +111,12 @@ class RunRecord:
         atomic_write_text(self.config_path, yaml.safe_dump(payload, sort_keys=False))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
+        path = self.metrics_path
+        if not path.is_file() and not self.summary_path.is_file() and self.is_archived():
+            path = self.archive_dir / "metrics.jsonl"
+        if not path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one epoch; the file is rewritten atomically so a kill never leaves half a line."""
@@ -118,9 +132,21 @@ class RunRecord:
         write_json(self.summary_path, summary)
 
     def read_summary(self) -> dict[str, Any] | None:
-        if not self.summary_path.is_file():
+        path = self.summary_path if self.summary_path.is_file() else self.archive_dir / "summary.json"
+        if not path.is_file():
             return None
-        return json.loads(self.summary_path.read_text())
+        return json.loads(path.read_text())
+
+    def archive(self) -> bool:
+        """Copy the compact files of a finished live run to ``records/``; False if not finished."""
+        live_done = self.status_path.is_file() and self.status().get("state") == "done" and self.summary_path.is_file()
+        if not live_done:
+            return False
+        for name in COMPACT_FILES:
+            src = self.dir / name
+            if src.is_file():
+                atomic_write_bytes(self.archive_dir / name, src.read_bytes())
+        return True
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -139,14 +165,29 @@ class RunRecord:
 
 
 def iter_records(root: Path, suite: str | None = None) -> Iterator[tuple[Path, RunSpec]]:
-    """Every run folder under ``root/runs`` (optionally of one suite) with its parsed spec."""
-    base = Path(root) / "runs"
-    if not base.is_dir():
-        return
-    for suite_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        if suite is not None and suite_dir.name != suite:
+    """Every run folder under ``root/runs`` and ``root/records`` (optionally of one suite) with its spec;
+    a run present in both is yielded once (the live folder)."""
+    seen: set[tuple[str, str]] = set()
+    for area in ("runs", "records"):
+        base = Path(root) / area
+        if not base.is_dir():
             continue
-        for run_dir in sorted(p for p in suite_dir.iterdir() if (p / "config.yaml").is_file()):
-            data = yaml.safe_load((run_dir / "config.yaml").read_text())
-            data.pop("run_hash", None)
-            yield run_dir, spec_from_dict(data)
+        for suite_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            if suite is not None and suite_dir.name != suite:
+                continue
+            for run_dir in sorted(p for p in suite_dir.iterdir() if (p / "config.yaml").is_file()):
+                if (suite_dir.name, run_dir.name) in seen:
+                    continue
+                seen.add((suite_dir.name, run_dir.name))
+                data = yaml.safe_load((run_dir / "config.yaml").read_text())
+                data.pop("run_hash", None)
+                yield run_dir, spec_from_dict(data)
+
+
+def archive_suite(root: Path, suite: str | None = None) -> list[str]:
+    """Archive every finished live run (of ``suite``) as compact records; returns their hashes."""
+    done = []
+    for run_dir, spec in iter_records(root, suite):
+        if run_dir.parent.parent.name == "runs" and RunRecord(root, spec).archive():
+            done.append(spec.run_hash)
+    return done
