@@ -104,7 +104,7 @@ def load_fashion_mnist(root: str | None = None) -> Dataset:
         raise DataMissingError(
             f"Fashion-MNIST not found in {path} (missing {missing[0]}[.gz]): install the Debian package "
             f"'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or point ${DATA_DIR_ENV} "
-            f"or the suite field dataset.root at a folder holding the four IDX files"
+            f"or the suite field data.root at a folder holding the four IDX files"
         )
     train = Split(_read_idx(files["train_x"]).unsqueeze(1), _read_idx(files["train_y"]).long())
     test = Split(_read_idx(files["test_x"]).unsqueeze(1), _read_idx(files["test_y"]).long())
@@ -116,9 +116,9 @@ def load_cifar10(root: str | None) -> Dataset:
     path = resolve_data_dir(root, "")
     folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
     names = [f"data_batch_{i}" for i in range(1, 6)]
-    if not root or not all((folder / n).is_file() for n in names + ["test_batch"]):
+    if not all((folder / n).is_file() for n in names + ["test_batch"]):
         raise DataMissingError(
-            f"CIFAR-10 not found in '{folder}': set dataset.root (or ${DATA_DIR_ENV}) to a folder with "
+            f"CIFAR-10 not found in '{folder}': set data.root (or ${DATA_DIR_ENV}) to a folder with "
             "data_batch_1..5 and test_batch (the python version); masking_bench never downloads data"
         )
 
@@ -141,9 +141,9 @@ def load_imagefolder(root: str | None, image_size: int) -> Dataset:
 
     base = resolve_data_dir(root, "")
     test_dir = next((base / d for d in ("val", "test") if (base / d).is_dir()), None)
-    if not root or not (base / "train").is_dir() or test_dir is None:
+    if not (base / "train").is_dir() or test_dir is None:
         raise DataMissingError(
-            f"ImageFolder dataset not found at '{base}': dataset.root must hold train/<class>/ and "
+            f"ImageFolder dataset not found at '{base}': data.root must hold train/<class>/ and "
             "val/<class>/ (or test/<class>/) folders of images"
         )
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])

@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny suite, result folders, the real Fashion-MNIST, and a CLI runner.
+
+The machine has 2 cores shared with other people. Two OpenMP threads competing with another busy
+process make a cpu-tiny training step ~10x slower than one thread (spin-waiting), so the tests run
+torch single-threaded in-process and in every CLI subprocess unless OMP_NUM_THREADS is set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = THREADS  # inherited by CLI subprocesses
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+
+torch.set_num_threads(int(THREADS))
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATA_ENV = "MASKING_BENCH_DATA_DIR"
+
+
+def have_fashion_mnist() -> bool:
+    return (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file() or (FASHION_DIR / "train-images-idx3-ubyte").is_file()
+
+
+needs_fashion = pytest.mark.skipif(not have_fashion_mnist(), reason=f"Fashion-MNIST not in {FASHION_DIR}")
+
+
+@pytest.fixture(autouse=True)
+def _no_data_dir_override(monkeypatch):
+    """A developer's $MASKING_BENCH_DATA_DIR must not leak into tests that assume the default."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+
+
+@pytest.fixture
+def tiny_suite() -> dict:
+    """A minimal valid suite on generated data (never trained by the unit tests, only parsed/expanded)."""
+    return {
+        "name": "tiny",
+        "method": "mae",
+        "model": "cpu-tiny",
+        "data": {"name": "synthetic"},
+        "strategies": ["random", "block"],
+        "ratios": [0.6, 0.75],
+        "seeds": [0, 1],
+        "train": {"epochs": 1, "batch_size": 64},
+        "eval": {"probe": {"epochs": 2}},
+    }
+
+
+@pytest.fixture
+def results_dir(tmp_path) -> Path:
+    path = tmp_path / "results"
+    path.mkdir()
+    return path
+
+
+def write_suite(folder: Path, suite: dict, name: str | None = None) -> Path:
+    """Write ``suite`` as YAML into ``folder``; returns the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name or suite.get('name', 'suite')}.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != DATA_ENV}
+    env.update(OMP_NUM_THREADS=THREADS, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m masking_bench ARGS`` in a subprocess, text output captured."""
+    return subprocess.run([sys.executable, "-m", "masking_bench", *map(str, args)], cwd=cwd or REPO,
+                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def popen_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "masking_bench", *map(str, args)], cwd=cwd or REPO,
+                            env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """The real Fashion-MNIST, decoded once per test session."""
+    if not have_fashion_mnist():
+        pytest.skip(f"Fashion-MNIST not in {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+    from masking_bench.data import load_fashion_mnist
+
+    return load_fashion_mnist(str(FASHION_DIR))
