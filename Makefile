@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data run test bench report clean
+.PHONY: setup data run test bench report galleries clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ bench: setup data
 
 report: setup
 	$(PY) -m masking_bench report
+
+# Mask galleries of every strategy on the first 8 test images (fresh seeded model). With
+# CKPT=results/runs/<suite>/<hash>/checkpoint.pt the salience strategies also get a gallery
+# from that trained encoder (what SBAM sees after its random-masking warm-up).
+STRATS := random block coarse_random sbam sbam_amr mto misalign
+galleries: setup data
+	for s in $(STRATS); do $(PY) -m masking_bench masks $$s --ratio 0.75 --n 8 --out results/masks/$$s.png || exit 1; done
+	[ -z "$(CKPT)" ] || for s in sbam sbam_amr; do \
+	  $(PY) -m masking_bench masks $$s --ratio 0.75 --n 8 --checkpoint $(CKPT) --out results/masks/$${s}_trained.png || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
