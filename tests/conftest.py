@@ -98,3 +98,27 @@ def fashion():
     from masking_bench.data import load_fashion_mnist
 
     return load_fashion_mnist(str(FASHION_DIR))
+
+
+@pytest.fixture
+def fresh_model():
+    """Factory of seeded, freshly initialised cpu-tiny models in eval mode: ``fresh_model("mae")``."""
+    from masking_bench.models import build_model
+
+    def make(method: str = "mae"):
+        torch.manual_seed(0)
+        return build_model("cpu-tiny", method, 28, 1).eval()
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One seeded cpu-tiny model per MIM method, shared by the tests of a module."""
+    from masking_bench.models import build_model
+
+    out = {}
+    for method in ("mae", "simmim"):
+        torch.manual_seed(0)
+        out[method] = build_model("cpu-tiny", method, 28, 1).eval()
+    return out

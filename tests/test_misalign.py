@@ -11,25 +11,13 @@ import torchvision.transforms.functional as TF
 
 from masking_bench.errors import BenchError
 from masking_bench.masking import PlanContext, build_strategy
-from masking_bench.models import build_model, patchify, unpatchify
+from masking_bench.models import patchify, unpatchify
 from masking_bench.strategies.misalign import big_size
 from masking_bench.train import _step
 
 L = 49
 N = 4
 S, B, MARGIN = 28, 36, 4
-
-
-def make_model(method: str):
-    torch.manual_seed(0)
-    model = build_model("cpu-tiny", method, 28, 1)
-    model.eval()
-    return model
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {m: make_model(m) for m in ("mae", "simmim")}
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +172,8 @@ def test_weights_enter_as_stated(models, images):
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_step_and_backward(images, method):
-    model = make_model(method)
+def test_step_and_backward(images, method, fresh_model):
+    model = fresh_model(method)
     model.train()
     strat = build_strategy("misalign", 0.75, method)
     loss, terms, plan, _ = _step(model, strat, ctx_for(model, 0), images, None)

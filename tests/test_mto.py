@@ -9,24 +9,12 @@ import torch
 
 from masking_bench.errors import BenchError
 from masking_bench.masking import PlanContext, build_strategy
-from masking_bench.models import build_model, patchify, unpatchify
+from masking_bench.models import patchify, unpatchify
 from masking_bench.strategies.mto import depth_weights, mto_terms
 from masking_bench.train import _step
 
 L = 49  # cpu-tiny at 28 px: 7x7 tokens
 N = 4
-
-
-def make_model(method: str):
-    torch.manual_seed(0)
-    model = build_model("cpu-tiny", method, 28, 1)
-    model.eval()
-    return model
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {m: make_model(m) for m in ("mae", "simmim")}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +73,8 @@ def _perturb_hidden(images, mask, p=4):
 
 
 @torch.no_grad()
-def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(models, images):
-    model = make_model("simmim")
+def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(models, images, fresh_model):
+    model = fresh_model("simmim")
     mask = build_strategy("mto", 0.75, "simmim").plan(images, ctx_for(model, 0)).mask
     vis = ~mask
     other = _perturb_hidden(images, mask)
@@ -107,8 +95,8 @@ def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(model
 
 
 @torch.no_grad()
-def test_mae_isolation_in_decoder(models, images):
-    model = make_model("mae")
+def test_mae_isolation_in_decoder(models, images, fresh_model):
+    model = fresh_model("mae")
     mask = build_strategy("mto", 0.75, "mae").plan(images, ctx_for(model, 1)).mask
     vis = ~mask
     base_iso = model(images, mask, isolate_mask_tokens=True).pred
@@ -208,8 +196,8 @@ def test_losses_wiring(models, images, method, schedule):
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
 @pytest.mark.parametrize("recalibrate", [True, False])
-def test_step_finite_and_backward(method, recalibrate, images):
-    model = make_model(method)
+def test_step_finite_and_backward(method, recalibrate, images, fresh_model):
+    model = fresh_model(method)
     model.train()
     strat = build_strategy("mto", 0.75, method, {"recalibrate": recalibrate})
     loss, terms, plan, _ = _step(model, strat, ctx_for(model, 0), images, None)
