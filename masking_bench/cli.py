@@ -11,25 +11,50 @@ from .errors import BenchError
 DEFAULT_RESULTS = Path("results")
 
 
+def _check_data(suite, launcher: str) -> None:
+    """A missing dataset is one line up front, not a failure per run."""
+    if launcher != "local" and suite.data.name == "imagefolder":
+        # on a login node only check the layout: decoding ImageNet here would take minutes and GBs
+        root = Path(suite.data.root or "")
+        if not suite.data.root or not (root / "train").is_dir():
+            raise BenchError(f"ImageFolder dataset not found at '{root}': dataset.root must hold train/<class>/ "
+                             "and val/<class>/ folders of images (checked from this host)")
+        return
+    from .data import load_dataset
+
+    load_dataset(suite.data.name, suite.data.root, suite.data.image_size)
+
+
 def _cmd_run(args) -> int:
     from .config import expand, load_suite
-    from .launch import run_local
+    from .launch import launch_suite
     from .masking import get_strategy_class, load_plugin
 
     suite = load_suite(args.suite)
     for plugin in list(args.plugin) + suite.plugins:
         load_plugin(plugin)
     suite.plugins = sorted(set(suite.plugins) | {str(Path(p).resolve()) for p in args.plugin})
+    launcher = args.launcher or suite.launcher.kind  # the flag wins over the suite's launcher block
     for ref in suite.strategies:  # fail fast, before any training, on a bad strategy or parameter
         cls = get_strategy_class(ref.name)
         cls(suite.ratios[0], method=suite.method, **ref.params)
     specs = expand(suite, args.suite)
-    # data is checked up front so a missing dataset is one line, not a failure per run
-    from .data import load_dataset
-
-    load_dataset(suite.data.name, suite.data.root, suite.data.image_size)
-    print(f"suite '{suite.name}': {len(specs)} runs -> {args.results / 'runs' / suite.name}", file=sys.stderr)
-    outcome = run_local(specs, args.results, show_progress=not args.no_progress)
+    _check_data(suite, launcher)
+    print(f"suite '{suite.name}': {len(specs)} runs -> {args.results / 'runs' / suite.name} "
+          f"(launcher: {launcher})", file=sys.stderr)
+    wait = not args.no_wait
+    outcome = launch_suite(specs, args.results, suite.launcher, launcher, suite.name, wait=wait,
+                           show_progress=not args.no_progress)
+    if outcome.submitted or outcome.queued:
+        jobs = sorted({job for _, job in outcome.submitted}, key=lambda j: (len(j), j))
+        arrays = sorted({j.split("_")[0] for j in jobs}, key=lambda j: (len(j), j))
+        print(f"submitted {len(outcome.submitted)} runs as SLURM job(s) {', '.join(arrays) or '-'}"
+              + (f"; {len(outcome.queued)} already queued or running" if outcome.queued else "")
+              + f"; logs in {outcome.folder}", file=sys.stderr)
+    if launcher == "slurm" and not wait:
+        print(f"not waiting: follow with 'python -m masking_bench status {args.suite}"
+              + (f" --results {args.results}" if args.results != DEFAULT_RESULTS else "") + "'", file=sys.stderr)
+        return 0
     print(f"done {len(outcome.done)}, already finished {len(outcome.skipped)}, failed {len(outcome.failed)} "
           f"in {outcome.seconds:.1f} s", file=sys.stderr)
     for run, reason in outcome.failed:
@@ -40,6 +65,17 @@ def _cmd_run(args) -> int:
         path = write_report(args.results, suite=None)
         print(f"leaderboard: {path}", file=sys.stderr)
     return 1 if outcome.failed else 0
+
+
+def _cmd_status(args) -> int:
+    from .config import expand, load_suite
+    from .status import annotate_with_slurm, format_status, run_rows
+
+    suite = load_suite(args.suite)  # run identities need no strategy code: no plugin import, no torch
+    rows = run_rows(expand(suite, args.suite), args.results)
+    with_slurm = annotate_with_slurm(rows) if not args.no_slurm else False
+    print(format_status(rows, suite.name, args.results / "runs" / suite.name, with_slurm))
+    return 0
 
 
 def _cmd_report(args) -> int:
@@ -85,6 +121,21 @@ def _cmd_masks(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    import json
+
+    from .bench import format_table, run_all
+
+    suites = [] if args.no_projection else [p for p in ("suites/smoke.yaml", "suites/ratio_sweep.yaml") if Path(p).is_file()]
+    results = run_all(args.device, quick=args.quick, compile=args.compile, threads=args.threads, suites=tuple(suites),
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m masking_bench",
                                      description="Benchmark masking strategies for MIM pre-training of ViTs.")
@@ -95,7 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE", help="strategy file to load")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--launcher", choices=("local", "debug", "slurm"), default=None,
+                     help="where runs execute (default: the suite's launcher.kind, else local)")
+    run.add_argument("--no-wait", action="store_true",
+                     help="slurm: return right after submission (follow with `status`)")
     run.set_defaults(func=_cmd_run)
+
+    sta = sub.add_parser("status", help="each run's state (pending, running, done, failed + reason, SLURM job)")
+    sta.add_argument("suite", type=Path, help="suite YAML")
+    sta.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
+    sta.add_argument("--no-slurm", action="store_true", help="do not ask sacct about the runs' jobs")
+    sta.set_defaults(func=_cmd_status)
 
     rep = sub.add_parser("report", help="regenerate the leaderboard from run records")
     rep.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -121,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list strategies and suites")
     lst.add_argument("--plugin", action="append", default=[], metavar="FILE")
     lst.set_defaults(func=_cmd_list)
+
+    ben = sub.add_parser("bench", help="speed figures of this machine (training step, FLOP/s, planning, data, eval)")
+    ben.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    ben.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ben.add_argument("--quick", action="store_true", help="fewer rounds (noisier, about half the time)")
+    ben.add_argument("--compile", action="store_true", help="also measure torch.compile variants (slow to compile)")
+    ben.add_argument("--no-projection", action="store_true", help="do not project the shipped suites' wall time")
+    ben.add_argument("--json", type=Path, default=None, help="also write every measured figure to this JSON file")
+    ben.set_defaults(func=_cmd_bench)
     return parser
 
 

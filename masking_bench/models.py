@@ -12,7 +12,9 @@ set and blocks padded keys with an attention mask, so a hidden patch is never vi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,25 @@ PRESETS: dict[str, dict] = {
     "vit-large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_dim=512, decoder_depth=8, decoder_heads=16),
 }
 METHODS = ("mae", "simmim")
+
+
+@contextmanager
+def explicit_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every timm attention layer of ``model`` computes softmax(q kᵀ) v explicitly
+    instead of calling SDPA; the previous choice is restored afterwards.
+
+    Used for bf16 autocast on CPU only: there SDPA's backward is ~15x slower than the explicit form
+    at these token counts (docs/performance.md), while fp32 and CUDA keep fused SDPA.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "fused_attn")] if enabled else []
+    saved = [m.fused_attn for m in layers]
+    for m in layers:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m.fused_attn = flag
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:

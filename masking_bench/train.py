@@ -24,7 +24,7 @@ from .data import Augment, Dataset, TensorLoader, load_dataset
 from .errors import BenchError, NonFiniteLossError
 from .evaluate import evaluate_encoder
 from .masking import MaskingStrategy, PlanContext, build_strategy, load_plugin
-from .models import MIMViT, build_model
+from .models import MIMViT, build_model, explicit_attention
 from .store import RunRecord, atomic_write_bytes
 
 _DATASETS: dict[tuple, Dataset] = {}
@@ -135,7 +135,9 @@ def _step(model, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor, a
     Every rank plans the identical global plan (same generator state, same weights), so a DDP run
     sees exactly the masks of a single-process run with the same global batch.
     """
-    with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    explicit = x.device.type == "cpu" and amp_dtype == torch.bfloat16  # SDPA's CPU bf16 backward is slow
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None), \
+            explicit_attention(model, explicit):
         t0 = time.perf_counter()
         plan = strategy.plan(x, ctx)
         t_plan = time.perf_counter() - t0

@@ -1,0 +1,91 @@
+"""``python -m masking_bench status SUITE.yaml``: each run's state from its record, with SLURM job ids.
+
+Reads only the run records (``status.json``, ``metrics.jsonl``); when records name SLURM jobs and
+``sacct`` is available, one ``sacct`` call adds the scheduler's view of those jobs, which reveals
+records whose job ended without a word (cancelled while queued, killed, node failure).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .config import RunSpec
+from .store import RunRecord
+
+STATE_ORDER = ("done", "running", "pending", "failed")
+_SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE")
+
+
+def run_rows(specs: list[RunSpec], results: Path) -> list[dict[str, Any]]:
+    """One dict per run: hash, run, state, epochs, job id, restarts, reason or note."""
+    rows = []
+    for spec in specs:
+        record = RunRecord(results, spec)
+        st = record.status()
+        state = st.get("state", "pending")
+        if state == "done" and not record.is_done():
+            state = "pending"  # a status without its summary is not a finished run
+        epochs = spec.train.epochs if spec.kind == "pretrain" else 0
+        done_epochs = min(len(record.read_metrics()), epochs) if epochs else 0
+        rows.append({"hash": spec.run_hash, "run": spec.short(), "state": state,
+                     "epochs": f"{done_epochs}/{epochs}" if epochs else "-",
+                     "job_id": st.get("job_id") or "", "restarts": st.get("restarts", 0),
+                     "reason": st.get("reason", "") if state == "failed" else
+                     ("archived record (results/records)" if st.get("archived") else st.get("note", "")),
+                     "updated": st.get("updated", "")})
+    return rows
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """Latest SLURM state per job id (``12`` or array task ``12_3``) from one ``sacct`` call; {} if unavailable."""
+    ids = sorted({j for j in job_ids if j and not j.startswith("DEBUG")})
+    if not ids or shutil.which("sacct") is None:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if out.returncode != 0:
+        return {}
+    states: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        if "|" in line:
+            job, state = line.split("|", 1)
+            states[job.strip()] = state.strip().split()[0] if state.strip() else ""
+    return states
+
+
+def annotate_with_slurm(rows: list[dict[str, Any]]) -> bool:
+    """Add a ``slurm`` column; flag records whose job ended while the record still waits. True if any."""
+    states = slurm_states([r["job_id"] for r in rows])
+    if not states:
+        return False
+    for row in rows:
+        sstate = states.get(row["job_id"], "")
+        row["slurm"] = sstate
+        if row["state"] in ("pending", "running") and sstate in _SLURM_ENDED:
+            row["reason"] = (f"job {row['job_id']} ended {sstate} without finishing the run; "
+                             f"the next `run` resubmits it")
+    return True
+
+
+def format_status(rows: list[dict[str, Any]], suite: str, where: Path, with_slurm: bool = False) -> str:
+    counts = {s: sum(r["state"] == s for r in rows) for s in STATE_ORDER}
+    head = (f"suite '{suite}': {len(rows)} runs - " + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + f"  ({where})")
+    cols = ["hash", "run", "state", "epochs", "job_id"] + (["slurm"] if with_slurm else []) + ["restarts"]
+    titles = {"hash": "run hash", "job_id": "job", "restarts": "requeued"}
+    table = [[titles.get(c, c) for c in cols] + ["reason / note"]]
+    for r in rows:
+        table.append([str(r.get(c, "")) if c != "restarts" else (str(r[c]) if r[c] else "") for c in cols]
+                     + [r["reason"]])
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    lines = [head]
+    for line in table:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,65 @@
+"""Fixtures of the performance benchmarks (issue 6) and the summary table printed at the end.
+
+Run with ``pytest tests/benchmarks --benchmark-only`` (plain ``pytest`` skips them: the project's
+addopts hold ``--benchmark-skip``, which ``--benchmark-only`` overrides). Every figure is a ratio of
+contenders measured side by side, interleaved, in the same process (``masking_bench.bench``);
+pytest-benchmark's own table times each figure's subject, the ratios are in ``extra_info``
+(``--benchmark-json FILE`` keeps them) and in the summary table printed after the run.
+
+Environment:
+  OMP_NUM_THREADS            torch threads (tests/conftest.py defaults to 1; 2 = the whole 2-core machine)
+  MASKING_BENCH_DEVICE       auto (default: cuda when present), cpu, cuda, cuda:1 ...
+  MASKING_BENCH_BENCH_COMPILE=1  also measure the torch.compile variants (minutes of compilation on CPU)
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from masking_bench import bench
+
+RESULTS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def setup():
+    """Device, Fashion-MNIST (or a generated stand-in) and one augmented batch at the CPU default config."""
+    s = bench.make_setup(os.environ.get("MASKING_BENCH_DEVICE", "auto"))
+    RESULTS["machine"] = bench.machine_info(s.device)
+    return s
+
+
+@pytest.fixture(scope="session")
+def variants() -> dict:
+    """Proposed product-step variants measured next to the product's step."""
+    return bench.default_variants(compile=os.environ.get("MASKING_BENCH_BENCH_COMPILE") == "1")
+
+
+@pytest.fixture
+def record(benchmark):
+    """``record(figure, result)``: keep a figure for the summary table and its scalars in extra_info."""
+
+    def _record(figure: str, result: dict) -> dict:
+        RESULTS[figure] = result
+        benchmark.extra_info.update(bench.scalars(result))
+        return result
+
+    return _record
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if len(RESULTS) <= 1:  # nothing measured (skipped / deselected)
+        return
+    machine = RESULTS.get("machine", {})
+    machine["loadavg_1m_end"] = bench.machine_info(bench.pick_device(machine.get("device", "cpu"))).get("loadavg_1m")
+    if "plan" in RESULTS and "eval" in RESULTS:  # project the shipped CPU suites from the measured rates
+        for suite in ("suites/smoke.yaml", "suites/ratio_sweep.yaml"):
+            path = config.rootpath / suite
+            if path.is_file():
+                RESULTS.setdefault("suites", {})[suite] = bench.project_suite(path, RESULTS)
+    terminalreporter.write_sep("=", "masking_bench performance (issue 6): ratios measured side by side")
+    terminalreporter.write_line(bench.format_table(RESULTS))
+    terminalreporter.write_line("targets are reported, not asserted; see docs/performance.md for what the figures mean")
