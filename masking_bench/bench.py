@@ -732,7 +732,7 @@ def format_table(results: dict[str, Any]) -> str:
                              f">= {TARGETS['step_vs_reference']:.2f}x", verdict(s[k] >= TARGETS["step_vs_reference"])))
     if "flops" in results:
         f = results["flops"]
-        rows.append((f"2. FLOPs per image (fwd + bwd)", f"{f['flops_per_image'] / 1e6:.1f} MFLOP", "", ""))
+        rows.append(("2. FLOPs per image (fwd + bwd)", f"{f['flops_per_image'] / 1e6:.1f} MFLOP", "", ""))
         for tag in [k[: -len("_fraction")] for k in f if k.endswith("_fraction")]:
             pk = f[tag + "_peak"]
             rows.append((f"   step {tag}: achieved / {pk} matmul peak",

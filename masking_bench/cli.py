@@ -55,7 +55,8 @@ def _cmd_run(args) -> int:
         print(f"not waiting: follow with 'python -m masking_bench status {args.suite}"
               + (f" --results {args.results}" if args.results != DEFAULT_RESULTS else "") + "'", file=sys.stderr)
         return 0
-    print(f"done {len(outcome.done)}, already finished {len(outcome.skipped)}, failed {len(outcome.failed)} "
+    busy = f", left to another process {len(outcome.busy)}" if outcome.busy else ""
+    print(f"done {len(outcome.done)}, already finished {len(outcome.skipped)}{busy}, failed {len(outcome.failed)} "
           f"in {outcome.seconds:.1f} s", file=sys.stderr)
     for run, reason in outcome.failed:
         print(f"failed: {run}: {reason}", file=sys.stderr)

@@ -14,3 +14,7 @@ class DataMissingError(BenchError):
 
 class NonFiniteLossError(BenchError):
     """Training produced a NaN or infinite loss."""
+
+
+class RunBusyError(BenchError):
+    """Another process holds the run's lock (a second worker, or a cluster job) and is training it."""

@@ -34,7 +34,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from tqdm.auto import tqdm
 
 from .config import LauncherConfig, RunSpec, spec_from_dict
-from .errors import BenchError
+from .errors import BenchError, RunBusyError
 from .store import RunRecord
 
 LAUNCHERS = ("local", "debug", "slurm")
@@ -49,6 +49,7 @@ class SuiteOutcome:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run, one-line reason)
+    busy: list[str] = field(default_factory=list)  # being trained by another process right now
     seconds: float = 0.0
     submitted: list[tuple[str, str]] = field(default_factory=list)  # (run, job id) sent to the cluster now
     queued: list[tuple[str, str]] = field(default_factory=list)  # (run, job id) already queued/running before
@@ -172,6 +173,8 @@ def run_local(specs: list[RunSpec], results: Path, show_progress: bool = True) -
             outcome.done.append(spec.short())
         except KeyboardInterrupt:
             raise
+        except RunBusyError:  # another worker on this suite has it: share the work, do not fail
+            outcome.busy.append(spec.short())
         except Exception as exc:  # one failed run never blocks the others; `run` retries it next time
             outcome.failed.append((spec.short(), one_line(exc)))
     outcome.seconds = time.perf_counter() - t0

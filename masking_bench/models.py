@@ -18,7 +18,6 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import yaml
 
 from .config import RunSpec, spec_from_dict
-from .errors import BenchError
+from .errors import RunBusyError
 
 STATES = ("pending", "running", "done", "failed")
 COMPACT_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
@@ -157,7 +157,7 @@ class RunRecord:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise BenchError(f"run {self.spec.run_hash} ({self.spec.short()}) is being trained by "
+                raise RunBusyError(f"run {self.spec.run_hash} ({self.spec.short()}) is being trained by "
                                  "another process; wait for it or stop that process") from None
             yield
         finally:

@@ -272,3 +272,36 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert [r["epoch"] for r in b] == [0, 1, 2]
     assert _stable(a) == _stable(b)
     assert json.loads(rec.summary_path.read_text())["final_loss"] == straight["final_loss"]
+
+
+def test_two_local_workers_share_a_suite_without_failures(tmp_path, capsys):
+    """A run whose lock another process holds is left to that process: not trained twice, not a failure."""
+    import subprocess
+    import sys
+    import time
+
+    raw = tiny_suite("shared", seeds=[0, 1])
+    suite = write_suite(tmp_path / "shared.yaml", raw)
+    results = tmp_path / "results"
+    busy_spec, free_spec = expand(parse_suite(raw))[:2]
+    holder_code = ("import fcntl, sys, time; fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
+                   "print('locked', flush=True); time.sleep(60)")
+    lock_file = RunRecord(results, busy_spec).dir / ".lock"
+    lock_file.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", holder_code, str(lock_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        code = cli.main(["run", str(suite), "--results", str(results), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert "left to another process 1, failed 0" in err, err
+        assert time.perf_counter() - t0 < 50  # did not wait for the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunRecord(results, free_spec).is_done()
+    assert not RunRecord(results, busy_spec).is_done()
+    assert RunRecord(results, busy_spec).status().get("state") != "failed"
+    code = cli.main(["run", str(suite), "--results", str(results), "--no-progress"])  # holder gone: now trained
+    assert code == 0 and RunRecord(results, busy_spec).is_done()
