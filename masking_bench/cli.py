@@ -94,9 +94,10 @@ def _cmd_list(args) -> int:
     for plugin in args.plugin:
         load_plugin(plugin)
     for name, cls in available().items():
-        tag = " [INTERP]" if cls.interpretation else ""
+        kind = "interpretation" if cls.interpretation else "faithful"
         params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "-"
-        print(f"{name:16s} {cls.source}{tag}\n{'':16s} params: {params}")
+        print(f"{name:14s} {kind:14s} {cls.one_line()}\n{'':29s} source: {cls.source or '-'}\n"
+              f"{'':29s} params: {params}")
     suites = sorted(Path("suites").glob("*.yaml"))
     if suites:
         print("suites: " + ", ".join(str(p) for p in suites))

@@ -110,6 +110,7 @@ class MaskingStrategy:
       needs: what the trainer must provide (``embeddings``, ``attention``) — recorded for cost reports.
       interpretation: True when the implementation is our reading of an unreadable paper ([INTERP]).
       source: the paper section / reference code the strategy implements.
+      summary: one line on what the strategy hides (``list`` shows it; default: the docstring's first line).
     """
 
     name: ClassVar[str] = ""
@@ -118,6 +119,12 @@ class MaskingStrategy:
     needs: ClassVar[frozenset[str]] = frozenset()
     interpretation: ClassVar[bool] = False
     source: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def one_line(cls) -> str:
+        """The strategy's one-line description."""
+        return cls.summary or ((cls.__doc__ or "").strip().splitlines() or [""])[0]
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         if not 0.0 <= float(ratio) < 1.0:

@@ -33,6 +33,7 @@ class BlockMasking(MaskingStrategy):
     """
 
     name = "block"
+    summary = "BEiT rectangles of tokens, never above the target count (top-up to it for mae)"
     source = "BEiT (arXiv 2106.08254) §2.3; spec §2.1"
     defaults = {"min_block": None, "max_block": None, "aspect_min": 0.3, "attempts": 10, "top_up": "auto"}
 
@@ -94,6 +95,7 @@ class CoarseRandomMasking(MaskingStrategy):
     """
 
     name = "coarse_random"
+    summary = "SimMIM: random 2x2-token cells, ceil(cells*r) of them"
     source = "SimMIM (arXiv 2111.09886) §3.1; spec §2.2"
     defaults = {"cell": 2, "exact_count": "auto"}
 

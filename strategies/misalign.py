@@ -101,6 +101,7 @@ class ZoomMisalignMasking(MaskingStrategy):
     """
 
     name = "misalign"
+    summary = "random masking of the centre crop of a 9/7-larger view; reconstruct the whole view"
     source = ("Beyond Masking (arXiv 2203.14313) zoomed-in + masking '(a)+(m)'; "
               "sunsmarterjie/beyond_masking zoomed-in/ [CODE]; spec §4.3")
     defaults = {"view_scale": 9 / 7, "interpolation": "bilinear", "centre_weight": 0.8, "border_weight": 0.2,

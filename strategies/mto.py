@@ -116,6 +116,7 @@ class MaskedTokenOptimization(MaskingStrategy):
     """
 
     name = "mto"
+    summary = "MAE random masking; visible tokens never attend to mask tokens, plus 3 attention losses"
     interpretation = True
     needs = frozenset({"attention"})
     source = ("MTO-interp: Choi et al., arXiv 2404.08330 (ECCV 2024), method unreadable; "

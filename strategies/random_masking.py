@@ -14,6 +14,7 @@ class RandomMasking(MaskingStrategy):
     """
 
     name = "random"
+    summary = "MAE: a uniformly random subset of tokens, the same count per image"
     source = "MAE (arXiv 2111.06377) §3; spec §1"
 
     def plan(self, images, ctx: PlanContext) -> MaskPlan:

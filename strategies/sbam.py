@@ -106,6 +106,7 @@ class SalienceMasking(MaskingStrategy):
     """
 
     name = "sbam"
+    summary = "hide the most salient tokens (embedding affinity column sums + noise)"
     source = ("SBAM/SBM (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
               "saliency_guided_masking; spec §5")
     needs = frozenset({"embeddings"})
@@ -218,6 +219,7 @@ class SalienceAdaptiveRatio(SalienceMasking):
     """
 
     name = "sbam_amr"
+    summary = "SBAM with a masking ratio that adapts to how much of the image is salient"
     interpretation = True
     source = ("SBAM + AMR (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
               "saliency_guided_masking; spec §6")

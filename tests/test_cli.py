@@ -89,8 +89,11 @@ def test_list_prints_the_strategies(outcomes):
     _, out = outcomes
     code, stdout, stderr = out["list"]
     assert code == 0, stderr
-    names = {line.split()[0] for line in stdout.splitlines() if line.strip() and not line.startswith(" ")}
-    assert {"random", "block", "coarse_random"} <= names
+    rows = {line.split()[0]: line.split()[1] for line in stdout.splitlines()
+            if line.strip() and not line.startswith(" ") and not line.startswith("suites:")}
+    assert {"random", "block", "coarse_random", "sbam", "sbam_amr", "mto", "misalign"} <= set(rows)
+    # each line says whether the strategy follows its reference or is our reading of the paper
+    assert rows["random"] == "faithful" and rows["mto"] == "interpretation" and rows["sbam_amr"] == "interpretation"
     assert "suites/smoke.yaml" in stdout
     assert "Traceback" not in stderr
 
