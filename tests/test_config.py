@@ -87,6 +87,19 @@ def test_smoke_suite_parses():
     assert len(runs) == len(suite.strategies) * len(suite.ratios) * len(suite.seeds) + len(suite.seeds)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "suites").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_suite_validates_and_builds_its_strategies(path):
+    """Each committed suite parses, expands into distinct runs, and every strategy accepts its parameters."""
+    from masking_bench.masking import get_strategy_class
+
+    suite = load_suite(path)
+    runs = expand(suite)
+    assert len({r.run_hash for r in runs}) == len(runs) > 0
+    for ref in suite.strategies:
+        for ratio in suite.ratios:
+            get_strategy_class(ref.name)(ratio, method=suite.method, **ref.params)
+
+
 def test_shorthands(tiny_suite):
     suite = parse_suite(tiny_suite)
     assert [s.name for s in suite.strategies] == ["random", "block"]
