@@ -284,7 +284,8 @@ class MIMViT(nn.Module):
         mae: MSE against per-patch normalised pixels (``norm_pix_loss``, unbiased var, eps 1e-6).
         simmim: L1 against the (dataset-normalised) pixels, as SimMIM's masked-pixel L1 / channels.
         """
-        target = patchify(target_imgs, self.patch_size).to(pred.dtype)
+        pred = pred.float()  # the loss and the target normalisation stay fp32 under bf16 autocast
+        target = patchify(target_imgs, self.patch_size).float()
         if self.method == "mae":
             if self.norm_pix_loss:
                 mean = target.mean(dim=-1, keepdim=True)
