@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import EvalConfig
 from .data import Dataset, Split
+from .errors import BenchError
 
 
 @torch.inference_mode()
@@ -78,7 +79,7 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     for i in range(0, test_n.shape[0], chunk):
         sim = test_n[i : i + chunk] @ train_n.T
         top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=sim.dtype)
         votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
         correct += (votes.argmax(dim=1) == test_y[i : i + chunk]).sum().item()
     return 100.0 * correct / test_n.shape[0]
@@ -90,6 +91,9 @@ def low_shot_indices(labels: torch.Tensor, shots: int, draw: int, num_classes: i
     picks = []
     for c in range(num_classes):
         idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < shots:
+            raise BenchError(f"eval.low_shot: class {c} has {len(idx)} training images, fewer than the "
+                             f"{shots} shots asked for; lower eval.low_shot.shots")
         picks.append(idx[torch.randperm(len(idx), generator=gen)[:shots]])
     return torch.cat(picks).sort().values
 
