@@ -39,7 +39,7 @@ def extract_features(model, split: Split, mean, std, pool: str = "mean", batch_s
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, epochs: int = 30, batch_size: int = 256, lr: float = 1e-3,
+                 num_classes: int, epochs: int = 100, batch_size: int = 256, lr: float = 1e-2,
                  weight_decay: float = 0.0, seed: int = 0) -> float:
     """Top-1 (%) of BatchNorm(affine=False) + Linear trained on cached features (cosine lr, AdamW)."""
     gen = torch.Generator().manual_seed(seed)

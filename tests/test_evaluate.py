@@ -1,7 +1,7 @@
 """Frozen-encoder evaluation on real data: the locked linear-probe recipe, kNN, low-shot draws.
 
 The accuracy bands were measured on this machine (torch CPU, one thread) with the suite's default
-probe recipe (``ProbeConfig()``: 30 epochs, batch 256, AdamW lr 1e-3, no weight decay) on the same
+probe recipe (``ProbeConfig()``: 100 epochs, batch 256, AdamW lr 1e-2, no weight decay) on the same
 seeded subsets ``evaluate_encoder`` takes (train seed 12345, test seed 54321).
 """
 
@@ -66,18 +66,19 @@ def test_extract_features_normalises_with_dataset_statistics(fashion, pixel_feat
 
 @needs_fashion
 def test_linear_probe_on_raw_pixels_matches_logistic_regression(pixel_features):
-    # Measured: 82.84 % (probe seeds 0/1/2: 82.84 / 82.94 / 82.98) on 10k/5k; the same recipe on the
-    # full 60k/10k gives 84.4 %, in line with the ~84 % of logistic regression on Fashion-MNIST pixels
-    # in the literature (Xiao et al. 2017 benchmark: 84.2 %).
+    # Measured: 79.6 % on 10k/5k with the default recipe (lr 1e-2, 100 epochs: a converged,
+    # unregularised logistic regression, which overfits 784 pixel dimensions on 10k images a little);
+    # the older, under-trained recipe (lr 1e-3, 30 epochs) gave 82.8 %, and 84.4 % on the full 60k/10k,
+    # in line with the ~84 % of logistic regression on Fashion-MNIST pixels (Xiao et al. 2017: 84.2 %).
     acc = probe(*pixel_features)
-    assert 80.5 <= acc <= 85.5, acc
+    assert 77.5 <= acc <= 82.5, acc
 
 
 @needs_fashion
 def test_linear_probe_on_fresh_encoder_is_between_chance_and_pixels(fashion, fresh_model):
     # Measured on 3000 train / 2000 test: fresh cpu-tiny MAE encoder (torch seed 0, mean pooling)
-    # 60.90 % (probe seeds 0/1/2: 60.90 / 60.55 / 61.10; encoder seeds 1, 2: 59.6-60.3 %);
-    # raw pixels on the same images 80.65 %. Chance is 10 %.
+    # 71.4 % (probe seeds 0/1: 71.4 / 71.1; encoder seed 1: 71.8 / 72.0);
+    # raw pixels on the same images 78.75 %. Chance is 10 %.
     train = fashion.train.subset(3_000, seed=TRAIN_SEED)
     test = fashion.test.subset(2_000, seed=TEST_SEED)
     model = fresh_model("mae")
@@ -87,13 +88,13 @@ def test_linear_probe_on_fresh_encoder_is_between_chance_and_pixels(fashion, fre
     assert not model.training  # extract_features restores the mode it found
 
     acc = probe(ftr, train.labels, fte, test.labels)
-    assert 56.0 <= acc <= 66.0, acc
+    assert 67.0 <= acc <= 76.0, acc
 
     pix = PixelIdentity()
     pixel_acc = probe(extract_features(pix, train, fashion.mean, fashion.std), train.labels,
                       extract_features(pix, test, fashion.mean, fashion.std), test.labels)
-    assert 78.0 <= pixel_acc <= 83.5, pixel_acc
-    assert acc < pixel_acc - 10.0, (acc, pixel_acc)
+    assert 76.0 <= pixel_acc <= 81.5, pixel_acc
+    assert acc < pixel_acc - 4.0, (acc, pixel_acc)
 
 
 @needs_fashion
@@ -237,9 +238,8 @@ def test_evaluate_encoder_returns_documented_keys(fashion, fresh_model):
             # accuracies on 400 images are multiples of 0.25 %
             assert all(math.isclose(v * 4, round(v * 4), abs_tol=1e-3) for v in draws)
 
-    # Measured (fresh encoder, seed 0): probe 26.25, knn 49.25, probe 1/10-shot 31.0/49.9 (draws
-    # 36.5, 25.5 / 51.0, 48.75), knn 1/10-shot 22.5/31.1. The 500-image probe gets only
-    # 30 epochs x (500 // 256) = 30 AdamW steps, hence below the 300-step 10-shot probe.
+    # The 500-image probe gets 100 epochs x (500 // 256) = 100 AdamW steps (the last partial batch of
+    # an epoch is dropped), the low-shot probes a fixed 300.
     assert out["probe_top1"] > 18.0 and out["knn_top1"] > 40.0  # chance is 10 %
     assert min(out["probe_10shot_top1_draws"]) > max(out["probe_1shot_top1_draws"])
     assert out["knn_10shot_top1"] > out["knn_1shot_top1"]
