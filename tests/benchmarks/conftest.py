@@ -33,7 +33,7 @@ def setup():
 
 @pytest.fixture(scope="session")
 def variants() -> dict:
-    """Proposed product-step variants measured next to the product's step."""
+    """Product-step variants (bf16 as the CPU suites run it; compile when asked) measured next to the fp32 step."""
     return bench.default_variants(compile=os.environ.get("MASKING_BENCH_BENCH_COMPILE") == "1")
 
 

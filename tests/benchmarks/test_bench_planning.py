@@ -11,7 +11,7 @@ from .conftest import RESULTS
 
 @pytest.mark.parametrize("label", list(bench.PLAN_STRATEGIES))
 def test_plan_share(benchmark, setup, label):
-    """plan() / whole step of the same strategy, interleaved; also against the proposed bf16 step.
+    """plan() / whole step of the same strategy, interleaved; also against the bf16 step (the CPU suites' setting).
 
     pytest-benchmark times ``plan`` alone (as ``train._step`` calls it).
     """
