@@ -154,6 +154,7 @@ def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_a
         # status RunJob.checkpoint wrote ("pending", requeued) stays and the lock is released.
         record.write_summary(summary)
         set_status("done")
+        record.archive()  # the compact copy in results/records (committable; counts as done elsewhere)
         return summary
 
 
@@ -163,7 +164,10 @@ def run_local(specs: list[RunSpec], results: Path, show_progress: bool = True) -
     t0 = time.perf_counter()
     todo = []
     for spec in specs:
-        (outcome.skipped if RunRecord(results, spec).is_done() else todo).append(spec)
+        record = RunRecord(results, spec)
+        if record.is_done() and not record.is_archived():
+            record.archive()  # finished before archiving existed, or the copy was deleted
+        (outcome.skipped if record.is_done() else todo).append(spec)
     outcome.skipped = [s.short() for s in outcome.skipped]
     bar = tqdm(todo, desc="runs", unit="run", disable=not show_progress or not todo)
     for spec in bar:

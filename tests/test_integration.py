@@ -84,6 +84,11 @@ def test_run_writes_complete_records(suite_run):
         assert spec.run_hash == run_dir.name  # the record re-hashes to its folder
         assert read_json(run_dir / "status.json")["state"] == "done"
         summary = read_json(run_dir / "summary.json")
+        # a finished run is also copied, without its checkpoint, to records/ (the committable form)
+        archived = results / "records" / "it_tiny" / run_dir.name
+        expected = {"config.yaml", "summary.json"} | ({"metrics.jsonl"} if (run_dir / "metrics.jsonl").exists() else set())
+        assert {p.name for p in archived.iterdir()} == expected
+        assert read_json(archived / "summary.json") == summary
         for key in ("probe_top1", "knn_top1", "wall_seconds"):
             assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
         assert 0 <= summary["probe_top1"] <= 100 and 0 <= summary["knn_top1"] <= 100
