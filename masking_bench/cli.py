@@ -63,7 +63,8 @@ def _cmd_run(args) -> int:
     if not outcome.failed:
         from .report import write_report
 
-        path = write_report(args.results, suite=None)
+        # this suite's report beside its runs; the committed top-level files are `report`'s job
+        path = write_report(args.results, suite=suite.name, out_dir=args.results / "suites" / suite.name)
         print(f"leaderboard: {path}", file=sys.stderr)
     return 1 if outcome.failed else 0
 

@@ -120,7 +120,8 @@ def test_run_writes_complete_records(suite_run):
 def test_leaderboard_has_every_strategy_and_the_floor(suite_run):
     _, results, proc, _ = suite_run
     assert proc.returncode == 0, proc.stderr
-    with open(results / "leaderboard.csv") as fh:
+    assert not (results / "leaderboard.csv").exists()  # `run` leaves the top-level report to `report`
+    with open(results / "suites" / "it_tiny" / "leaderboard.csv") as fh:
         rows = list(csv.DictReader(fh))
     by_strategy = {r["strategy"]: r for r in rows}
     assert set(by_strategy) == {"random_init", "random", "block"}
