@@ -283,6 +283,44 @@ def test_ragged_mae_forward_backward_no_leak(model, images):
     assert not torch.allclose(before[n], changed[n], atol=1e-3)
 
 
+def test_ragged_batch_gives_each_image_the_loss_it_has_alone(model, images):
+    """Padding to the batch's largest visible set changes nothing: every image of a ragged AMR batch
+    gets the predictions, hence the per-sample loss, it gets when run alone with its own mask."""
+    x = images[:4].clone()
+    strat = with_fixed_salience(SalienceAdaptiveRatio, crafted_salience())(0.75, mode="sample")
+    mask = strat.plan(x, ctx_for(model, 0)).mask
+    assert len(set(mask.sum(dim=1).tolist())) >= 3  # ragged: 33, 37, 42 hidden
+    model.eval()
+    with torch.no_grad():
+        batch_pred = model(x, mask).pred
+        for n in range(x.shape[0]):
+            alone = model(x[n : n + 1], mask[n : n + 1]).pred
+            torch.testing.assert_close(batch_pred[n : n + 1], alone, atol=2e-5, rtol=1e-4)
+            in_batch = model.reconstruction_loss(batch_pred[n : n + 1], x[n : n + 1], mask[n : n + 1])
+            by_itself = model.reconstruction_loss(alone, x[n : n + 1], mask[n : n + 1])
+            assert abs(in_batch.item() - by_itself.item()) < 1e-5
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_sbam_hides_more_salient_tokens_than_random(ratio):
+    """On real-looking images, SBAM's hidden tokens carry more salience than random masking's."""
+    torch.manual_seed(3)
+    net = build_model("cpu-tiny", "mae", 28, 1)
+    ds = make_synthetic(n_train=256, n_test=8, seed=2)
+    x = (ds.train.images.float() / 255.0 - ds.mean[0]) / ds.std[0]
+    sb = build_strategy("sbam", ratio).plan(x, ctx_for(net, 11))
+    sal = sb.diagnostics["salience"]
+    rnd = build_strategy("random", ratio).plan(x, ctx_for(net, 11)).mask
+    per_image_sbam = (sal * sb.mask).sum(dim=1) / sb.mask.sum(dim=1)
+    per_image_random = (sal * rnd).sum(dim=1) / rnd.sum(dim=1)
+    # image by image (a sign test over 256 images), not only on average
+    wins = (per_image_sbam > per_image_random).float().mean().item()
+    assert wins > 0.9, wins
+    assert per_image_sbam.mean() > 1.15 * per_image_random.mean(), (per_image_sbam.mean(), per_image_random.mean())
+    visible_sbam = (sal * ~sb.mask).sum() / (~sb.mask).sum()
+    assert per_image_sbam.mean() > visible_sbam
+
+
 # -------------------------------------------------------------------------------- contract / report
 
 
