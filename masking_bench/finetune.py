@@ -28,16 +28,23 @@ def _layer_id(name: str, depth: int) -> int:
 
 
 def finetune_top1(encoder_state: dict, spec: RunSpec, dataset: Dataset, device, seed: int) -> dict[str, float]:
+    """Fine-tune a copy of the encoder end to end and return its test top-1. Every random draw (head
+    init, drop path, crops, order) comes from ``seed``; the caller's global RNG state is untouched."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _finetune(encoder_state, spec, dataset, device, seed)
+
+
+def _finetune(encoder_state: dict, spec: RunSpec, dataset: Dataset, device, seed: int) -> dict[str, float]:
     cfg: FinetuneConfig = spec.eval.finetune
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(spec.model.preset, spec.method, img_size=dataset.image_size,
-                            in_chans=dataset.channels, drop_path=cfg.drop_path, **spec.model.overrides)
-        model.load_state_dict(encoder_state)
-        head = nn.Linear(model.embed_dim, dataset.num_classes)
-        nn.init.trunc_normal_(head.weight, std=2e-5)
-        nn.init.zeros_(head.bias)
+    model = build_model(spec.model.preset, spec.method, img_size=dataset.image_size,
+                        in_chans=dataset.channels, drop_path=cfg.drop_path, **spec.model.overrides)
+    model.load_state_dict(encoder_state)
+    head = nn.Linear(model.embed_dim, dataset.num_classes)
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
     model.to(device).train()
     head.to(device)
     depth = len(model.blocks)
