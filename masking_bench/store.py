@@ -158,7 +158,7 @@ class RunRecord:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RunBusyError(f"run {self.spec.run_hash} ({self.spec.short()}) is being trained by "
-                                 "another process; wait for it or stop that process") from None
+                                   "another process; wait for it or stop that process") from None
             yield
         finally:
             fh.close()

@@ -122,3 +122,28 @@ def models():
         torch.manual_seed(0)
         out[method] = build_model("cpu-tiny", method, 28, 1).eval()
     return out
+
+
+def flaky_plugin(name: str, source: str) -> str:
+    """Source of a strategy file registering ``name``: random masking whose plan() raises
+    ``RuntimeError("planned failure: <flag text>")`` while a ``flaky.fail`` file sits next to it."""
+    cls = "".join(part.title() for part in name.split("_")) + "Masking"
+    return f'''
+from pathlib import Path
+
+from masking_bench.masking import MaskingStrategy, MaskPlan, hide_lowest_first, num_hidden, register
+
+FLAG = Path(__file__).with_name("flaky.fail")
+
+
+@register
+class {cls}(MaskingStrategy):
+    name = "{name}"
+    source = "{source}"
+
+    def plan(self, images, ctx):
+        if FLAG.exists():
+            raise RuntimeError("planned failure: " + FLAG.read_text().strip())
+        noise = ctx.rand(images.shape[0], ctx.num_tokens)
+        return MaskPlan(mask=hide_lowest_first(noise, num_hidden(ctx.num_tokens, self.ratio)))
+'''

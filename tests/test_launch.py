@@ -9,14 +9,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import flaky_plugin
 
 from masking_bench import cli
 from masking_bench import launch as launch_mod
 from masking_bench import status as status_mod
 from masking_bench.config import LauncherConfig, expand, parse_suite
 from masking_bench.errors import BenchError
-from masking_bench.launch import (RunJob, chunked, execute_run, executor_parameters, mark_lost, mark_submitted,
-                                  signal_delay_s)
+from masking_bench.launch import (
+    RunJob,
+    chunked,
+    execute_run,
+    executor_parameters,
+    mark_lost,
+    mark_submitted,
+    signal_delay_s,
+)
 from masking_bench.store import RunRecord
 
 # A very small model on 16x16 synthetic images: a run takes ~1-2 s on one busy core.
@@ -24,26 +32,7 @@ MICRO = {"preset": "cpu-tiny",
          "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2}}
 TINY_EVAL = {"probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}, "random_init": False}
 
-FLAKY_PLUGIN = '''
-"""Test plugin: random masking that raises in plan() while a flag file sits next to this file."""
-from pathlib import Path
-
-from masking_bench.masking import MaskingStrategy, MaskPlan, hide_lowest_first, num_hidden, register
-
-FLAG = Path(__file__).with_name("flaky.fail")
-
-
-@register
-class FlakyTestMasking(MaskingStrategy):
-    name = "flaky_test"
-    source = "tests/test_launch.py"
-
-    def plan(self, images, ctx):
-        if FLAG.exists():
-            raise RuntimeError("planned failure: " + FLAG.read_text().strip())
-        noise = ctx.rand(images.shape[0], ctx.num_tokens)
-        return MaskPlan(mask=hide_lowest_first(noise, num_hidden(ctx.num_tokens, self.ratio)))
-'''
+FLAKY_PLUGIN = flaky_plugin("flaky_test", "tests/test_launch.py")
 
 
 def tiny_suite(name: str, **over) -> dict:

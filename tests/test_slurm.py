@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import flaky_plugin
 
 from masking_bench import cli
 from masking_bench.config import expand, parse_suite
@@ -32,25 +33,7 @@ TINY_EVAL = {"probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}, "ra
 LAUNCHER = {"kind": "slurm", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 15}
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
 
-FLAKY_PLUGIN = '''
-from pathlib import Path
-
-from masking_bench.masking import MaskingStrategy, MaskPlan, hide_lowest_first, num_hidden, register
-
-FLAG = Path(__file__).with_name("flaky.fail")
-
-
-@register
-class FlakySlurmMasking(MaskingStrategy):
-    name = "flaky_slurm"
-    source = "tests/test_slurm.py"
-
-    def plan(self, images, ctx):
-        if FLAG.exists():
-            raise RuntimeError("planned failure inside the SLURM job")
-        noise = ctx.rand(images.shape[0], ctx.num_tokens)
-        return MaskPlan(mask=hide_lowest_first(noise, num_hidden(ctx.num_tokens, self.ratio)))
-'''
+FLAKY_PLUGIN = flaky_plugin("flaky_slurm", "tests/test_slurm.py")
 
 
 # Random masking that also sleeps in plan(): epochs last long enough to be interrupted on any machine,
@@ -160,7 +143,7 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
     """Smoke-like suite as job arrays (max_array_size 2 -> 2 arrays); one run fails, then is retried."""
     (tmp_path / "flaky_slurm.py").write_text(FLAKY_PLUGIN)
     flag = tmp_path / "flaky.fail"
-    flag.write_text("x")
+    flag.write_text("inside the SLURM job")
     raw = {"name": "slurm_smoke", "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
            "model": MICRO, "strategies": ["random", "flaky_slurm"], "ratios": [0.75],
            "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5},
@@ -174,7 +157,7 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
     _timing("3-run suite (2 arrays) submit -> all records final", time.perf_counter() - t0)
     assert code == 1, err
     assert "launcher: slurm" in err and "done 2, already finished 0, failed 1" in err
-    assert "failed: flaky_slurm r=0.75 seed=0: RuntimeError: planned failure inside the SLURM job [job " in err
+    assert "failed: flaky_slurm r=0.75 seed=0: RuntimeError: planned failure: inside the SLURM job [job " in err
 
     specs = expand(parse_suite(raw))
     assert len(specs) == 3
