@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import BenchError
 
-SCHEMA_VERSION = 1
+# 2: strategy parameters resolved (defaults merged in) and the precision used are part of the identity
+SCHEMA_VERSION = 2
 
 
 class _Strict(BaseModel):
@@ -63,7 +64,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = Field(3.0, gt=0)
-    amp: Literal["none", "bf16"] = "none"
+    # auto: bf16 where the hardware runs it natively, else fp32 (masking_bench/precision.py); the
+    # precision actually used is part of the run identity, this field as written is not
+    amp: Literal["auto", "none", "bf16"] = "auto"
     norm_pix_loss: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
@@ -197,15 +200,17 @@ class RunSpec(BaseModel):
     eval: EvalConfig
     plugins: list[str] = Field(default_factory=list)
     device: str = "auto"
+    precision: Literal["bf16", "fp32"] | None = None  # what train.amp resolved to (pre-training runs)
 
     def identity(self) -> dict[str, Any]:
         """Every field that changes the numbers; the hash is taken over this."""
         ident = self.model_dump(mode="json", exclude={"suite", "plugins", "device"})
         ident["strategy"].pop("label", None)
         ident["data"].pop("root", None)
+        ident["train"].pop("amp")  # as written (auto / bf16 / none); what it resolved to is `precision`
         ident["schema"] = SCHEMA_VERSION
         if self.kind == "random_init":  # nothing of the training recipe reaches an untrained encoder
-            for key in ("strategy", "ratio", "train"):
+            for key in ("strategy", "ratio", "train", "precision"):
                 ident.pop(key)
         return ident
 
@@ -278,12 +283,42 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     node[keys[-1]] = value
 
 
-def expand(suite: Suite, source: str = "suite") -> list[RunSpec]:
-    """Every run of the suite: (grid axes) × strategies × ratios × seeds, plus the random-init floors."""
+def planned_device_type(suite: Suite, launcher: str | None = None) -> str:
+    """The device type the suite's runs will train on: ``cpu`` or ``cuda`` (decides ``amp: auto``)."""
+    if suite.device != "auto":
+        return suite.device.split(":")[0]
+    if (launcher or suite.launcher.kind) == "slurm":
+        return "cuda" if suite.launcher.gpus_per_node > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_strategy(ref: StrategyRef, plugins: list[str]) -> StrategyRef:
+    """``ref`` with the strategy's defaults merged into its parameters (the resolved parameters)."""
+    from .masking import get_strategy_class, load_plugin
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    cls = get_strategy_class(ref.name)
+    return ref.model_copy(update={"params": {**copy.deepcopy(cls.defaults), **ref.params}})
+
+
+def expand(suite: Suite, source: str = "suite", launcher: str | None = None, hardware=None) -> list[RunSpec]:
+    """Every run of the suite: (grid axes) × strategies × ratios × seeds, plus the random-init floors.
+
+    Strategy parameters are resolved (defaults merged in) and ``train.amp`` is resolved to the
+    precision the runs will use on the planned device (``launcher`` overrides the suite's launcher
+    kind; ``hardware`` stands in for this host's, in tests): both are part of each run's identity.
+    """
+    from . import precision
+
+    device_type = planned_device_type(suite, launcher)
     base = suite.model_dump(mode="python")
     axes = list(suite.grid.items())
     runs: list[RunSpec] = []
     seen: set[str] = set()
+    resolved = {s.display: resolve_strategy(s, suite.plugins) for s in suite.strategies}
     for combo in itertools.product(*[values for _, values in axes]) if axes else [()]:
         tree = copy.deepcopy(base)
         for (dotted, _), value in zip(axes, combo):
@@ -296,14 +331,17 @@ def expand(suite: Suite, source: str = "suite") -> list[RunSpec]:
             raise BenchError(_format_validation(err, source)) from None
         common = dict(suite=suite.name, method=variant.method, model=variant.model, data=variant.data,
                       train=variant.train, eval=variant.eval, plugins=suite.plugins, device=suite.device)
+        used = precision.resolve(variant.train.amp, device_type, hardware)
         candidates = []
         if variant.eval.random_init:
             floor = StrategyRef(name="random_init")
             candidates += [RunSpec(kind="random_init", strategy=floor, ratio=None, seed=s, **common)
                            for s in variant.seeds]
         for strat in variant.strategies:
+            ref = resolved.get(strat.display) or resolve_strategy(strat, suite.plugins)
             for ratio in variant.ratios:
-                candidates += [RunSpec(strategy=strat, ratio=ratio, seed=s, **common) for s in variant.seeds]
+                candidates += [RunSpec(strategy=ref, ratio=ratio, seed=s, precision=used, **common)
+                               for s in variant.seeds]
         for spec in candidates:
             if spec.run_hash not in seen:
                 seen.add(spec.run_hash)

@@ -117,7 +117,7 @@ def export_distributed() -> tuple[int, int]:
 
 
 def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_after_steps: int | None = None,
-                job: dict[str, Any] | None = None) -> dict:
+                job: dict[str, Any] | None = None, accept_stale: bool = False) -> dict:
     """Train and evaluate one run into its record folder; returns the summary. Idempotent.
 
     ``job`` (e.g. ``{"job_id": "12_3", "launcher": "slurm", "restarts": 1}``) is written into every
@@ -125,7 +125,7 @@ def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_a
     """
     from .train import train_run  # torch import deferred: `status`/`report` stay fast
 
-    record = RunRecord(results, spec)
+    record = RunRecord(results, spec, accept_stale)
     if record.is_done():
         return record.read_summary()
     extra = dict(job or {})
@@ -135,6 +135,12 @@ def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_a
             record.set_status(state, **extra, **fields)
 
     with record.lock():
+        if record.is_done():  # finished by another process between the check above and the lock
+            return record.read_summary()
+        stale = record.stale_reason()
+        if stale is not None:  # finished by other code: keep those files aside, train afresh
+            moved = record.supersede(f"run {spec.run_hash} ({spec.short()}): {stale}")
+            extra["superseded"] = str(moved)
         record.write_config()
         extra["epochs_at_start"] = len(record.read_metrics())  # > 0: this attempt resumes a checkpoint
         set_status("running")
@@ -158,13 +164,14 @@ def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_a
         return summary
 
 
-def run_local(specs: list[RunSpec], results: Path, show_progress: bool = True) -> SuiteOutcome:
-    """Run every spec in this process, in order; finished runs are skipped in milliseconds."""
+def run_local(specs: list[RunSpec], results: Path, show_progress: bool = True,
+              accept_stale: bool = False) -> SuiteOutcome:
+    """Run every spec in this process, in order; done runs are skipped in milliseconds, stale ones retrained."""
     outcome = SuiteOutcome()
     t0 = time.perf_counter()
     todo = []
     for spec in specs:
-        record = RunRecord(results, spec)
+        record = RunRecord(results, spec, accept_stale)
         if record.is_done() and not record.is_archived():
             record.archive()  # finished before archiving existed, or the copy was deleted
         (outcome.skipped if record.is_done() else todo).append(spec)
@@ -173,7 +180,7 @@ def run_local(specs: list[RunSpec], results: Path, show_progress: bool = True) -
     for spec in bar:
         bar.set_postfix_str(spec.short())
         try:
-            execute_run(spec, results, show_progress)
+            execute_run(spec, results, show_progress, accept_stale=accept_stale)
             outcome.done.append(spec.short())
         except KeyboardInterrupt:
             raise
@@ -330,19 +337,23 @@ def mark_lost(record: RunRecord, job_id: str, reason: str) -> bool:
 
 
 def launch_suite(specs: list[RunSpec], results: Path, cfg: LauncherConfig, kind: str, suite: str,
-                 wait: bool = True, show_progress: bool = True) -> SuiteOutcome:
-    """Run ``specs`` with ``kind`` ('local', 'debug' or 'slurm'); only runs not already done are submitted."""
+                 wait: bool = True, show_progress: bool = True, accept_stale: bool = False) -> SuiteOutcome:
+    """Run ``specs`` with ``kind`` ('local', 'debug' or 'slurm'); only runs not already done are submitted.
+
+    ``accept_stale``: count runs finished by older code as done (the report marks them); the default
+    retrains them.
+    """
     if kind not in LAUNCHERS:
         raise BenchError(f"unknown launcher '{kind}': accepted are {', '.join(LAUNCHERS)}")
     if kind == "local":
-        return run_local(specs, results, show_progress)
+        return run_local(specs, results, show_progress, accept_stale)
     results = Path(results).resolve()
     folder = Path(cfg.folder).resolve() if cfg.folder else default_folder(results, suite)
     outcome = SuiteOutcome(folder=folder)
     t0 = time.perf_counter()
     todo = []
     for spec in specs:
-        if RunRecord(results, spec).is_done():
+        if RunRecord(results, spec, accept_stale).is_done():
             outcome.skipped.append(spec.short())
         else:
             todo.append(spec)

@@ -89,6 +89,7 @@ class Records:
     protocols: list[str]
     interp: dict[str, bool | None] = field(default_factory=dict)  # strategy label -> interpretation flag
     skipped: int = 0  # run folders whose config no longer hashes to their folder name
+    stale: dict[str, list[str]] = field(default_factory=dict)  # strategy label -> why its runs are stale
     baselines: dict[str, str] = field(default_factory=dict)  # suite -> baseline strategy label
 
 
@@ -127,7 +128,8 @@ def _variant_fields(identity: dict[str, Any]) -> dict[str, str]:
 
 def _floor_key(identity: dict[str, Any]) -> str:
     """What the untrained encoder of a run shares with it: everything but strategy, ratio, training, seed."""
-    ident = {k: v for k, v in identity.items() if k not in ("strategy", "ratio", "train", "kind", "seed", "schema")}
+    ident = {k: v for k, v in identity.items()
+             if k not in ("strategy", "ratio", "train", "kind", "seed", "schema", "precision")}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -168,14 +170,23 @@ def collect(results: Path, suite: str | None = None) -> Records:
     """Every finished run under ``results/runs`` and archived under ``results/records`` (optionally one suite)."""
     rows, score_rows, curve_rows, fields = [], [], [], []
     interp: dict[str, bool | None] = {}
+    stale: dict[str, list[str]] = {}
     skipped = 0
     for run_dir, spec in iter_records(results, suite):
         record = RunRecord(results, spec)
         if Path(run_dir) not in (record.dir, getattr(record, "archive_dir", None)):
             skipped += 1  # the config no longer hashes to its folder name
             continue
-        if not record.is_done():
+        if not record.is_finished():
             continue
+        try:
+            why = record.stale_reason()
+        except BenchError as exc:  # e.g. a plugin file that is gone: its code cannot be checked
+            why = f"code cannot be checked ({exc})"
+        if why:
+            stale.setdefault(spec.label, [])
+            if why not in stale[spec.label]:
+                stale[spec.label].append(why)
         s = record.read_summary() or {}
         epoch_rows = _read_jsonl(_metrics_path(record))
         pretrain = spec.kind == "pretrain"
@@ -252,7 +263,7 @@ def collect(results: Path, suite: str | None = None) -> Records:
     scores, curves = scores.drop(columns="_i"), curves.drop(columns="_i")
     present = sorted(scores["protocol"].unique(), key=_protocol_key)
     baselines = {s: _baseline_label(g) for s, g in runs.groupby("suite")}
-    return Records(runs, scores, curves, present, interp, skipped, baselines)
+    return Records(runs, scores, curves, present, interp, skipped, stale, baselines)
 
 
 # ------------------------------------------------------------------------------------ ordering
@@ -792,6 +803,11 @@ def _markdown(rec: Records, acc: pd.DataFrame, noise: pd.DataFrame, rob: pd.Data
     if rec.skipped:
         lines += [f"Skipped {rec.skipped} run folder(s) whose config.yaml no longer hashes to the folder name "
                   "(edited by hand or written by an older schema).", ""]
+    if rec.stale:
+        lines += ["**Stale rows** ([STALE]): these strategies' runs were made by code that has changed since "
+                  "(`python -m masking_bench status` names the runs; `run` retrains them, `certify` re-stamps them "
+                  "when a rerun proves the numbers unchanged): "
+                  + "; ".join(f"`{s}`: {', '.join(w)}" for s, w in sorted(rec.stale.items())) + ".", ""]
     # ---- summary
     lines += ["## Summary", ""]
     for setting in settings:
@@ -888,7 +904,8 @@ def _markdown(rec: Records, acc: pd.DataFrame, noise: pd.DataFrame, rob: pd.Data
                 cells.append(_f(x["top1_mean"]) + _ci(x["top1_ci_low"], x["top1_ci_high"]))
                 cells.append("" if not math.isfinite(x["delta_mean"]) else
                              _f(x["delta_mean"], signed=True) + ("*" if x["outside_noise"] else ""))
-            rows.append([s + (" [INTERP]" if rec.interp.get(s) else ""), _ratio(r), str(int(g["seeds"].max()))] + cells)
+            mark = (" [INTERP]" if rec.interp.get(s) else "") + (" [STALE]" if s in rec.stale else "")
+            rows.append([s + mark, _ratio(r), str(int(g["seeds"].max()))] + cells)
         lines.append(_md_table(["strategy", "ratio", "seeds"] + [h for p in protos for h in (p, f"Δ {p}")], rows))
         rb = sel(rob)
         lines += [f"## Ratio robustness{head}", "",

@@ -1,5 +1,8 @@
 """``python -m masking_bench status SUITE.yaml``: each run's state from its record, with SLURM job ids.
 
+States: done, stale (finished by code that has changed since; the reason names the parts), running,
+pending, failed.
+
 Reads only the run records (``status.json``, ``metrics.jsonl``); when records name SLURM jobs and
 ``sacct`` is available, one ``sacct`` call adds the scheduler's view of those jobs, which reveals
 records whose job ended without a word (cancelled while queued, killed, node failure).
@@ -15,7 +18,7 @@ from typing import Any
 from .config import RunSpec
 from .store import RunRecord
 
-STATE_ORDER = ("done", "running", "pending", "failed")
+STATE_ORDER = ("done", "stale", "running", "pending", "failed")
 _SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE")
 
@@ -27,14 +30,17 @@ def run_rows(specs: list[RunSpec], results: Path) -> list[dict[str, Any]]:
         record = RunRecord(results, spec)
         st = record.status()
         state = st.get("state", "pending")
-        if state == "done" and not record.is_done():
+        if state == "done" and not record.is_finished():
             state = "pending"  # a status without its summary is not a finished run
+        stale = record.stale_reason() if state == "done" else None
+        if stale:
+            state = "stale"  # finished, by code that has changed since: `run` retrains it
         epochs = spec.train.epochs if spec.kind == "pretrain" else 0
         done_epochs = min(len(record.read_metrics()), epochs) if epochs else 0
         rows.append({"hash": spec.run_hash, "run": spec.short(), "state": state,
                      "epochs": f"{done_epochs}/{epochs}" if epochs else "-",
                      "job_id": st.get("job_id") or "", "restarts": st.get("restarts", 0),
-                     "reason": st.get("reason", "") if state == "failed" else
+                     "reason": st.get("reason", "") if state == "failed" else stale if stale else
                      ("archived record (results/records)" if st.get("archived") else st.get("note", "")),
                      "updated": st.get("updated", "")})
     return rows

@@ -12,6 +12,7 @@ line per epoch), ``summary.json`` (final metrics, wall time, versions, git commi
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ import yaml
 
 from .config import RunSpec, spec_from_dict
 from .errors import RunBusyError
+from .fingerprint import changed_parts, code_fingerprint, describe_change
 
 STATES = ("pending", "running", "done", "failed")
 COMPACT_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
@@ -56,10 +58,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class RunRecord:
-    """The folder of one run."""
+    """The folder of one run.
 
-    def __init__(self, root: Path, spec: RunSpec):
+    *Finished* means a summary exists; *done* means finished by the current code (its fingerprint
+    matches, :mod:`masking_bench.fingerprint`), or finished at all when ``accept_stale``.
+    """
+
+    def __init__(self, root: Path, spec: RunSpec, accept_stale: bool = False):
         self.spec = spec
+        self.accept_stale = accept_stale
         self.dir = Path(root) / "runs" / spec.suite / spec.run_hash
         self.archive_dir = Path(root) / "records" / spec.suite / spec.run_hash
 
@@ -96,9 +103,26 @@ class RunRecord:
         except (OSError, json.JSONDecodeError):
             return {"state": "pending"}
 
-    def is_done(self) -> bool:
+    def is_finished(self) -> bool:
+        """A summary exists (live and marked done, or archived), whatever code made it."""
         live = self.status_path.is_file() and self.status().get("state") == "done" and self.summary_path.is_file()
         return live or self.is_archived()
+
+    def is_done(self) -> bool:
+        """Finished by the current code (or finished at all, with ``accept_stale``): nothing to train."""
+        return self.is_finished() and (self.accept_stale or not self.stale_parts())
+
+    @functools.cached_property
+    def code(self) -> dict[str, str]:
+        """The current code's fingerprint for this run."""
+        return code_fingerprint(self.spec)
+
+    def stale_reason(self) -> str | None:
+        """Why this finished run's numbers are not the current code's (None: they are, or not finished)."""
+        if not self.is_finished():
+            return None
+        parts = self.stale_parts()
+        return describe_change(parts, self.spec) if parts else None
 
     def set_status(self, state: str, **extra: Any) -> None:
         assert state in STATES
@@ -137,10 +161,35 @@ class RunRecord:
             return None
         return json.loads(path.read_text())
 
+    def stale_parts(self) -> list[str]:
+        """The code parts that changed since this finished run was made ([] = its numbers are current)."""
+        summary = self.read_summary() or {}
+        return changed_parts(summary.get("code"), self.code)
+
+    def supersede(self, reason: str) -> Path | None:
+        """Move a stale run's files (live folder and archived record) to ``<results>/superseded/`` so
+        the run trains afresh; nothing finished is deleted. Returns where they went (None: nothing)."""
+        root = self.dir.parent.parent.parent
+        dest = root / "superseded" / self.spec.suite / f"{self.spec.run_hash}-{time.strftime('%Y%m%dT%H%M%S')}"
+        moved = False
+        for src, sub in ((self.dir, "run"), (self.archive_dir, "record")):
+            if not src.is_dir():
+                continue
+            for item in src.iterdir():
+                if item.name.startswith(".") and item.name.endswith("lock"):
+                    continue  # locks stay: another process may be waiting on them
+                (dest / sub).mkdir(parents=True, exist_ok=True)
+                os.replace(item, dest / sub / item.name)
+                moved = True
+        if not moved:
+            return None
+        atomic_write_text(dest / "REASON", reason + "\n")
+        return dest
+
     def archive(self) -> bool:
         """Copy the compact files of a finished live run to ``records/``; False if not finished."""
         live_done = self.status_path.is_file() and self.status().get("state") == "done" and self.summary_path.is_file()
-        if not live_done:
+        if not live_done or not self.is_done():
             return False
         for name in COMPACT_FILES:
             src = self.dir / name

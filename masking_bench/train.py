@@ -23,8 +23,10 @@ from .config import RunSpec
 from .data import Augment, Dataset, TensorLoader, load_dataset
 from .errors import BenchError, NonFiniteLossError
 from .evaluate import evaluate_encoder
+from .fingerprint import code_fingerprint
 from .masking import MaskingStrategy, PlanContext, build_strategy, load_plugin
 from .models import MIMViT, build_model, explicit_attention
+from .precision import check_on_device
 from .store import RunRecord, atomic_write_bytes
 
 _DATASETS: dict[tuple, Dataset] = {}
@@ -46,8 +48,11 @@ def get_dataset(spec: RunSpec) -> Dataset:
 
 def make_model(spec: RunSpec, dataset: Dataset) -> MIMViT:
     torch.manual_seed(spec.seed)
-    return build_model(spec.model.preset, spec.method, img_size=dataset.image_size, in_chans=dataset.channels,
-                       norm_pix_loss=spec.train.norm_pix_loss, **spec.model.overrides)
+    model = build_model(spec.model.preset, spec.method, img_size=dataset.image_size, in_chans=dataset.channels,
+                        norm_pix_loss=spec.train.norm_pix_loss, **spec.model.overrides)
+    # the loader's normalisation, for strategies whose targets are defined on [0, 1] pixels (misalign)
+    model.pixel_mean, model.pixel_std = dataset.mean, dataset.std
+    return model
 
 
 def make_optimizer(model: MIMViT, spec: RunSpec) -> torch.optim.Optimizer:
@@ -95,12 +100,22 @@ def versions() -> dict[str, Any]:
             "python": platform.python_version(), "git_commit": _git_commit()}
 
 
-def _save_checkpoint(record: RunRecord, model, opt, epoch_done: int) -> None:
+def _save_checkpoint(record: RunRecord, model, opt, epoch_done: int, code: dict[str, str]) -> None:
     import io
 
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epochs_done": epoch_done}, buf)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epochs_done": epoch_done,
+                "code": code}, buf)
     atomic_write_bytes(record.checkpoint_path, buf.getvalue())
+
+
+def _load_checkpoint(record: RunRecord, device, code: dict[str, str]) -> dict[str, Any] | None:
+    """The run's last epoch checkpoint, or None when there is none or other code wrote it (a resume
+    must never continue another code's training)."""
+    if not record.checkpoint_path.is_file():
+        return None
+    state = torch.load(record.checkpoint_path, map_location=device, weights_only=True)
+    return state if state.get("code") == code else None
 
 
 @dataclass(frozen=True)
@@ -171,18 +186,22 @@ def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | N
     dataset = get_dataset(spec)
     model = make_model(spec, dataset).to(device)
     t = spec.train
+    code = code_fingerprint(spec)
     summary: dict[str, Any] = {"run_hash": spec.run_hash, "suite": spec.suite, "kind": spec.kind,
                                "strategy": spec.label, "strategy_name": spec.strategy.name, "ratio": spec.ratio, "seed": spec.seed,
                                "method": spec.method, "model": spec.model.preset,
                                "params_encoder": sum(p.numel() for p in model.encoder_parameters()),
                                "params_total": sum(p.numel() for p in model.parameters()),
-                               "device": str(device), "versions": versions()}
+                               "device": str(device), "versions": versions(), "code": {"parts": code}}
     train_seconds = 0.0
     if spec.kind == "pretrain" and t.epochs > 0:
+        if spec.precision is None:
+            raise BenchError(f"run {spec.run_hash}: no precision planned; build runs with config.expand")
+        summary["precision"] = check_on_device(spec.precision, t.amp, device.type)
         strategy = build_strategy(spec.strategy.name, spec.ratio, spec.method, spec.strategy.params)
         summary["strategy_info"] = strategy.describe()
         train_seconds = _pretrain(spec, record, model, strategy, dataset, device, progress if dist_info.main else None,
-                                  stop_after_steps, dist_info)
+                                  stop_after_steps, dist_info, code)
         if not dist_info.main:  # evaluation and records belong to rank 0
             return None
         summary["epochs"] = t.epochs
@@ -235,7 +254,7 @@ def training_flops_per_image(model, strategy, spec: RunSpec, dataset: Dataset, d
 
 
 def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device, progress, stop_after_steps,
-              dist_info: DistInfo = DistInfo()) -> float:
+              dist_info: DistInfo, code: dict[str, str]) -> float:
     t = spec.train
     forward = None
     if dist_info.world > 1:
@@ -251,14 +270,14 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
                           seed=spec.seed, augment=aug)
     opt = make_optimizer(model, spec)
     start_epoch = 0
-    if record.checkpoint_path.is_file():
-        state = torch.load(record.checkpoint_path, map_location=device, weights_only=True)
+    state = _load_checkpoint(record, device, code)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epochs_done"])
     if writes:
         record.truncate_metrics(start_epoch)
-    amp_dtype = torch.bfloat16 if t.amp == "bf16" else None
+    amp_dtype = torch.bfloat16 if spec.precision == "bf16" else None
     gen = torch.Generator(device=device)
     ctx = PlanContext(model, model.grid, gen, total_epochs=t.epochs, method=spec.method)
     steps_per_epoch = len(loader)
@@ -318,7 +337,7 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
             model.train()
         if writes:
             record.append_metrics(row)  # before the checkpoint: a kill in between only redoes this epoch
-            _save_checkpoint(record, model, opt, epoch + 1)
+            _save_checkpoint(record, model, opt, epoch + 1, code)
         if dist_info.world > 1:
             torch.distributed.barrier()
         if bar is not None:

@@ -33,10 +33,16 @@ WHOLE 288 view rendered at 224. Here (provenance as in spec §0.1):
 * [CODE] total = ``centre_weight``·centre + ``border_weight``·border, 0.8 / 0.2
   (``engine_for_pretraining.py``). ``losses`` returns the two WEIGHTED terms ``recon_centre`` and
   ``recon_border`` so the trainer's sum is the total.
-* [CODE→ours] per-patch normalisation is the model's (``(t − mean)/sqrt(var + 1e-6)``, unbiased
-  var, only when ``model.norm_pix_loss``), as ``MIMViT.reconstruction_loss``; the reference uses
-  ``(t − mean)/(std + 1e-6)`` on un-normalised [0, 1] pixels — identical up to the epsilon for
-  single-channel images, and this keeps misalign's numbers comparable with the other strategies.
+* [CODE] target normalisation (only when ``model.norm_pix_loss``; the reference always
+  normalises), for the centre and the border target alike: each channel of each patch separately,
+  ``(t − mean)/(std + 1e-6)`` with the unbiased std over the patch's p² pixels, on [0, 1] pixels —
+  the loader's dataset normalisation is undone with ``model.pixel_mean`` / ``model.pixel_std``
+  (per-channel sequences the trainer attaches to the model). Without them the pixels are taken as
+  given: the formula is invariant to a per-channel affine map, so only the 1e-6 then differs (it
+  acts in dataset-std units, not [0, 1] units). This is NOT the shared
+  ``MIMViT.reconstruction_loss`` normalisation (all p²C values jointly, ``sqrt(var + 1e-6)``), so
+  misalign's loss values are not directly comparable with the other strategies' (≈1 % apart on
+  Fashion-MNIST, far apart for RGB).
 * [INTERP] ``method='simmim'``: not in the paper/code (MAE-only). Same geometry and masks, with
   SimMIM's loss: L1 on raw (dataset-normalised) pixels, no per-patch normalisation, for both terms
   (centre over hidden tokens, border as four summed mean-L1 strips). ``describe()`` marks such a
@@ -74,11 +80,26 @@ def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return F.interpolate(img, size=size, mode=mode)
 
 
-def norm_patches(tokens: torch.Tensor) -> torch.Tensor:
-    """Per-patch normalisation as ``MIMViT.reconstruction_loss`` (unbiased var, eps 1e-6)."""
-    mean = tokens.mean(dim=-1, keepdim=True)
-    var = tokens.var(dim=-1, keepdim=True)
-    return (tokens - mean) / (var + 1e-6) ** 0.5
+def pixel_stats(model) -> tuple[Any, Any] | None:
+    """The dataset's per-channel (mean, std) the model's inputs were normalised with, if it carries them."""
+    mean, std = getattr(model, "pixel_mean", None), getattr(model, "pixel_std", None)
+    return None if mean is None or std is None else (mean, std)
+
+
+def norm_patches(imgs: torch.Tensor, p: int, stats: tuple[Any, Any] | None = None) -> torch.Tensor:
+    """(N, C, H, W) -> patches (N, L, p²C) with every channel of every patch normalised on its own:
+    ``(t − mean)/(std + 1e-6)``, unbiased std over the p² pixels, after mapping the images back to
+    [0, 1] with the dataset's per-channel ``stats = (mean, std)`` when given."""
+    x = imgs.float()
+    n, c = x.shape[:2]
+    if stats is not None:
+        mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).reshape(1, c, 1, 1) for v in stats)
+        x = x * std + mean
+    tokens = patchify(x, p)
+    per_channel = tokens.reshape(n, tokens.shape[1], p * p, c)  # patchify puts the channel last
+    mu = per_channel.mean(dim=2, keepdim=True)
+    sd = per_channel.std(dim=2, keepdim=True)  # unbiased (p² − 1)
+    return ((per_channel - mu) / (sd + 1e-6)).reshape(tokens.shape)
 
 
 def border_strips(img: torch.Tensor, margin: tuple[int, int]) -> list[torch.Tensor]:
@@ -154,11 +175,12 @@ class ZoomMisalignMasking(MaskingStrategy):
         pred = pred.float()
         pred_big = F.interpolate(unpatchify(pred, p, c, grid), size=(bh, bw), mode="area")
         pred_centre = patchify(pred_big[..., mh:mh + size[0], mw:mw + size[1]], p)
-        view_tok = patchify(view.float(), p)
-        target_tok = patchify(target.float(), p)
         mae = self.method == "mae"
         if mae and model.norm_pix_loss:
-            view_tok, target_tok = norm_patches(view_tok), norm_patches(target_tok)
+            stats = pixel_stats(model)
+            view_tok, target_tok = norm_patches(view, p, stats), norm_patches(target, p, stats)
+        else:
+            view_tok, target_tok = patchify(view.float(), p), patchify(target.float(), p)
         diff = pred_centre - view_tok
         per_patch = (diff ** 2 if mae else diff.abs()).mean(dim=-1)
         m = mask.to(per_patch.dtype)

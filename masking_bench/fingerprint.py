@@ -1,0 +1,128 @@
+"""Fingerprints of the code that produces a run's numbers, and how a record's fingerprint is judged.
+
+A run's folder is named by its resolved parameters (:meth:`RunSpec.identity`); the code is stamped
+into its records instead (``summary.json`` and the checkpoint), part by part:
+
+- ``strategy``: the source files of the strategy class and of its bases (not the contract);
+- ``model``, ``trainer``, ``data``, ``evaluation`` (+ ``finetune`` when enabled), ``contract``: the
+  engine modules whose code reaches the numbers.
+
+Each part is hashed over its *normalised* source: the Python AST with docstrings removed, printed
+back with :func:`ast.unparse`. Comments, docstrings and formatting never change a fingerprint; any
+change of code does. A record whose stamp differs from the current code is *stale*: ``status``
+names the parts, ``run`` retrains it, ``report`` marks it. ``certify`` proves a refactor harmless by
+rerunning a few cells bit-for-bit and then re-stamps the records (see the README, "Run records").
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+ENGINE = Path(__file__).resolve().parent
+ENGINE_PARTS: dict[str, tuple[str, ...]] = {
+    "model": ("models.py",),
+    "trainer": ("train.py",),
+    "data": ("data.py",),
+    "evaluation": ("evaluate.py",),
+    "contract": ("masking.py",),
+}
+FINETUNE_PART = ("finetune", ("finetune.py",))
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def normalised_source(text: str) -> str:
+    """The code of a Python source text without comments, docstrings or formatting."""
+    return ast.unparse(_strip_docstrings(ast.parse(text)))
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        canon = normalised_source(text)
+    except SyntaxError:
+        canon = text
+    return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+def file_digest(path: str | Path) -> str:
+    st = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _digest_files(paths: list[Path]) -> str:
+    if len(paths) == 1:
+        return file_digest(paths[0])
+    joined = ",".join(f"{p.name}:{file_digest(p)}" for p in paths)
+    return hashlib.sha256(joined.encode()).hexdigest()[:12]
+
+
+def engine_parts(finetune: bool = False) -> dict[str, str]:
+    parts = dict(ENGINE_PARTS)
+    if finetune:
+        parts[FINETUNE_PART[0]] = FINETUNE_PART[1]
+    return {name: _digest_files([ENGINE / f for f in files]) for name, files in parts.items()}
+
+
+def strategy_files(cls: type) -> list[Path]:
+    """Source files of a strategy class and of its bases, except the contract module and builtins."""
+    from .masking import MaskingStrategy
+
+    files: list[Path] = []
+    for klass in cls.__mro__:
+        if klass in (MaskingStrategy, object) or not issubclass(klass, MaskingStrategy):
+            continue
+        try:
+            path = Path(inspect.getfile(klass)).resolve()
+        except (TypeError, OSError):
+            continue
+        if path not in files:
+            files.append(path)
+    return files
+
+
+def strategy_digest(cls: type) -> str:
+    files = strategy_files(cls)
+    return _digest_files(files) if files else "unknown"
+
+
+def code_fingerprint(spec) -> dict[str, str]:
+    """Part -> digest of the code that produces ``spec``'s numbers (strategy first for a pre-training run)."""
+    parts: dict[str, str] = {}
+    if spec.kind == "pretrain":
+        from .masking import get_strategy_class, load_plugin
+
+        for plugin in spec.plugins:
+            load_plugin(plugin)
+        parts["strategy"] = strategy_digest(get_strategy_class(spec.strategy.name))
+    parts.update(engine_parts(finetune=spec.eval.finetune.enabled))
+    return parts
+
+
+def changed_parts(recorded: dict[str, Any] | None, current: dict[str, str]) -> list[str]:
+    """Names of the parts whose code differs; ``["(no fingerprint)"]`` for a record made before stamps."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("parts"), dict):
+        return ["(no fingerprint)"]
+    old = recorded["parts"]
+    return [name for name in sorted(set(old) | set(current)) if old.get(name) != current.get(name)]
+
+
+def describe_change(names: list[str], spec) -> str:
+    if names == ["(no fingerprint)"]:
+        return "recorded before code fingerprints"
+    shown = [f"strategy '{spec.strategy.name}'" if n == "strategy" else n for n in names]
+    return "code changed: " + ", ".join(shown)
