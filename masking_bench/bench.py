@@ -1,15 +1,15 @@
-"""Performance measurements (issue 6): the trainer's step, FLOP/s, mask planning, data, evaluation.
+"""Performance measurements: the trainer's step, FLOP/s, mask planning, data, evaluation.
 
 Every figure is a RATIO of two things measured side by side in the same process: the contenders are
 interleaved round by round (order alternating), each round is timed on its own and the medians are
 compared, so a machine that is busy with something else slows both sides alike. The figures:
 
-1. ``step_vs_reference``: the product's training step (``train._step`` + the loop body of
-   ``train._pretrain``: lr, seeded plan, forward, loss, backward, clipping, AdamW, loss read-back)
+1. ``step_vs_reference``: the product's training step (the trainer's own ``train.TrainStep``: lr,
+   seeded plan, plan check, forward, loss, backward, clipping, AdamW, loss read-back)
    against a plain MAE step written here (official ``models_mae.py`` structure: timm blocks,
    gather-based random masking, fp32, plain AdamW, no tricks) at the same size, batch and ratio.
 2. ``flops_vs_peak``: achieved FLOP/s of the training step (FLOPs from ``torch.utils.flop_counter``)
-   against a large square matmul, in fp32 and under bf16 autocast.
+   against a large square matmul, in fp32 and (where the host runs it natively) under bf16 autocast.
 3. ``plan_share``: each strategy's ``plan`` as a share of that strategy's whole training step.
 4. ``data_vs_model``: batches per second of the augmented ``TensorLoader`` against the steps per
    second the model consumes.
@@ -24,6 +24,7 @@ Device-agnostic: everything takes a ``torch.device``; CUDA is synchronised aroun
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -36,10 +37,10 @@ import torch.nn as nn
 
 from .config import DataConfig, EvalConfig, ModelConfig, RunSpec, StrategyRef, TrainConfig
 from .data import Augment, Dataset, TensorLoader, load_dataset, make_synthetic
-from .errors import DataMissingError, NonFiniteLossError
-from .masking import PlanContext, build_strategy
+from .errors import DataMissingError
+from .masking import build_strategy
 from .models import PRESETS, patchify, sincos_pos_embed_2d
-from .train import _step, lr_at, make_model, make_optimizer, mask_seed, pick_device, training_flops_per_image
+from .train import TrainStep, make_model, make_optimizer, mask_seed, pick_device, training_flops_per_image
 
 # The strategies of issue 6, target 3 (label -> (registry name, params)).
 PLAN_STRATEGIES: dict[str, tuple[str, dict]] = {
@@ -122,11 +123,24 @@ def interleaved(contenders: dict[str, Callable[[], Any]], device: torch.device, 
     return Timings(out)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device runs bf16 natively (else only fp32 is measured: emulated bf16 is ~50x slower)."""
+    from .precision import hardware
+
+    return hardware(device.type).native_bf16
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on, including the load (they are ratios, the load still matters)."""
+    """What the numbers were measured on, including the load (they are ratios, the load still matters),
+    the CPU's ISA level and the precision ``train.amp: auto`` picks here."""
+    from .precision import hardware, resolve
+
+    hw = hardware(device.type)
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                             "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                            "cpu": _cpu_name()}
+                            "cpu": _cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(),
+                            "native_bf16": hw.native_bf16, "amp_auto": resolve("auto", device.type, hw),
+                            "amp_auto_why": hw.why}
     with contextlib.suppress(OSError, AttributeError):
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
@@ -152,7 +166,7 @@ def bench_spec(preset: str = "cpu-tiny", batch_size: int = 256, ratio: float = 0
     return RunSpec(suite="bench", strategy=StrategyRef(name=strategy, params=dict(params or {})), ratio=ratio,
                    seed=seed, method=method, model=ModelConfig(preset=preset), data=DataConfig(name=dataset),
                    train=TrainConfig(batch_size=batch_size, amp=amp, epochs=3, warmup_epochs=0.5),
-                   eval=EvalConfig())
+                   eval=EvalConfig(), precision="bf16" if amp == "bf16" else "fp32")
 
 
 @dataclass
@@ -203,10 +217,10 @@ def make_setup(device: str | torch.device = "auto", preset: str = "cpu-tiny", ba
 
 
 class ProductStep:
-    """One optimizer step of the product's trainer: the body of ``train._pretrain``'s loop, verbatim.
+    """One optimizer step of the product's trainer: its own :class:`~masking_bench.train.TrainStep`.
 
     Variants (opt-in, measured here only — the trainer does not have them):
-      compile: ``torch.compile`` the model's forward (passed through ``_step``'s ``forward`` hook);
+      compile: ``torch.compile`` the model's forward (passed through the step's ``forward`` hook);
       fused_adamw: ``torch.optim.AdamW(..., fused=True)`` (one kernel for all parameters);
       attention: 'fused' (timm's default, SDPA) or 'explicit' (timm's ``fused_attn = False``).
     """
@@ -222,58 +236,40 @@ class ProductStep:
             for blk in self._blocks():
                 blk.attn.fused_attn = False
         self.strategy = build_strategy(spec.strategy.name, spec.ratio, spec.method, spec.strategy.params)
-        self.opt = make_optimizer(self.model, spec)
+        opt = make_optimizer(self.model, spec)
         if fused_adamw:
-            self.opt = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "weight_decay")}
-                                          for g in self.opt.param_groups], lr=0.0, betas=spec.train.betas,
-                                         fused=True)
-        self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
-        self.gen = torch.Generator(device=dev)
-        self.ctx = PlanContext(self.model, self.model.grid, self.gen, total_epochs=spec.train.epochs,
-                               method=spec.method)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.forward = None
+            opt = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "weight_decay")}
+                                     for g in opt.param_groups], lr=0.0, betas=spec.train.betas, fused=True)
+        forward = None
         if compile:
             compiled = torch.compile(self.model, **(compile_options or {}))
-            self.forward = lambda *a, **k: compiled(*a, **k)  # noqa: E731  (an OptimizedModule has no bool())
+            forward = lambda *a, **k: compiled(*a, **k)  # noqa: E731  (an OptimizedModule has no bool())
         self.steps_per_epoch = 78  # ratio_sweep: 20k images / 256
+        self.train_step = TrainStep(spec, self.model, self.strategy, opt, dev, self.steps_per_epoch, forward=forward)
         self.global_step = 0
-        self.x = setup.batch
-        self.model.train()
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.setup.batch
 
     def _blocks(self):
         return list(self.model.blocks) + list(getattr(self.model, "decoder_blocks", []))
 
     def __call__(self) -> float:
-        spec, t = self.spec, self.spec.train
+        epochs = max(self.spec.train.epochs, 1)
         step = self.global_step % self.steps_per_epoch
-        epoch = self.ctx.epoch = self.global_step // self.steps_per_epoch % max(t.epochs, 1)
-        lr = lr_at(self.global_step, self.steps_per_epoch, spec)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.gen.manual_seed(mask_seed(spec.seed, epoch, step))
-        self.ctx.step = self.global_step
-        loss, terms, plan, _ = _step(self.model, self.strategy, self.ctx, self.x, self.amp_dtype, forward=self.forward)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"bench step {self.global_step}: loss {loss.item()}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad)
-        self.opt.step()
-        value = loss.item()
-        for v in terms.values():
-            float(v.detach())
-        plan.realised_ratio().detach()
+        epoch = self.global_step // self.steps_per_epoch % epochs
+        result = self.train_step(self.x, epoch, step)
         self.global_step += 1
-        return value
+        return result.loss
 
     def plan(self):
-        """The strategy's ``plan`` alone, as ``_step`` calls it (same autocast context, seeded generator)."""
-        self.gen.manual_seed(mask_seed(self.spec.seed, 0, self.global_step))
-        amp = self.amp_dtype
+        """The strategy's ``plan`` alone, as the trainer's step calls it (same autocast, seeded generator)."""
+        ts = self.train_step
+        ts.gen.manual_seed(mask_seed(self.spec.seed, 0, self.global_step))
+        amp = ts.amp_dtype
         with torch.autocast(device_type=self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return self.strategy.plan(self.x, self.ctx)
+            return self.strategy.plan(self.x, ts.ctx)
 
     def flops_per_image(self) -> float:
         """The trainer's own FLOP count (``train.training_flops_per_image``: forward + backward)."""
@@ -612,8 +608,12 @@ def profile_breakdown(step: Callable[[], Any], steps: int = 3, warmup: int = 1) 
 # ---------------------------------------------------------------------------------------- the table
 
 
-def default_variants(compile: bool = False) -> dict[str, dict]:
-    return {"bf16": dict(FAST_STEP), **(COMPILE_VARIANTS if compile else {})}
+def default_variants(compile: bool = False, bf16: bool = True) -> dict[str, dict]:
+    """Product-step variants measured beside the fp32 step: bf16 (only where native), compiled ones when asked."""
+    variants = {"bf16": dict(FAST_STEP)} if bf16 else {}
+    if compile:
+        variants.update({k: v for k, v in COMPILE_VARIANTS.items() if bf16 or v.get("amp") != "bf16"})
+    return variants
 
 
 def run_all(device: str = "auto", quick: bool = False, compile: bool = False, threads: int | None = None,
@@ -624,14 +624,18 @@ def run_all(device: str = "auto", quick: bool = False, compile: bool = False, th
     say = log or (lambda s: None)
     setup = make_setup(device)
     r = (lambda n: max(3, n // 2)) if quick else (lambda n: n)
-    variants = default_variants(compile)
+    bf16 = native_bf16(setup.device)
+    variants = default_variants(compile, bf16)
     results: dict[str, Any] = {"machine": machine_info(setup.device)}
+    m = results["machine"]
+    say(f"ISA {m['isa']}: train.amp auto -> {m['amp_auto']} ({m['amp_auto_why']})"
+        + ("" if bf16 else "; bf16 figures skipped (emulated here)"))
     say("1/5 training step vs the plain reference MAE step ...")
     results["step"] = step_vs_reference(setup, rounds=r(9), variants=variants)
     say("2/5 achieved FLOP/s vs matmul peak ...")
-    results["flops"] = flops_vs_peak(setup, rounds=r(7), variants=variants)
+    results["flops"] = flops_vs_peak(setup, rounds=r(7), variants=variants, dtypes=("fp32", "bf16") if bf16 else ("fp32",))
     say("3/5 mask planning per strategy ...")
-    results["plan"] = plan_share(setup, rounds=r(5), fast=FAST_STEP)
+    results["plan"] = plan_share(setup, rounds=r(5), fast=FAST_STEP if bf16 else None)
     say("4/5 data pipeline vs model ...")
     results["data"] = data_vs_model(setup, rounds=r(7))
     say("5/5 evaluation feature extraction ...")
@@ -758,8 +762,9 @@ def format_table(results: dict[str, Any]) -> str:
     workers = max(1, (m.get("cpu_count") or 1) // max(1, m.get("threads") or 1)) if m.get("device") == "cpu" else 1
     for path, proj in results.get("suites", {}).items():
         line = (f"{proj['total_min']:.1f} min (fastest rounds {proj['total_best_min']:.1f}; train "
-                f"{proj['train_s'] / 60:.1f} + eval {proj['eval_s'] / 60:.1f}), with bf16 steps "
-                f"{proj['total_fast_train_min']:.1f}")
+                f"{proj['train_s'] / 60:.1f} + eval {proj['eval_s'] / 60:.1f})")
+        if math.isfinite(proj["total_fast_train_min"]):
+            line += f", with bf16 steps {proj['total_fast_train_min']:.1f}"
         if workers > 1:
             line += f"; / {workers} one-process-per-core workers: {proj['total_min'] / workers:.1f}"
         rows.append((f"   projected {path} ({proj['runs']} runs, 1 process)", line, "", ""))
@@ -771,6 +776,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"machine: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), device {m.get('device')}"
                      + (f" [{m['gpu']}]" if m.get("gpu") else "") + f", torch {m.get('torch')}, "
                      f"{m.get('threads')} thread(s), load average {m.get('loadavg_1m')} -> {m.get('loadavg_1m_end', '?')}")
+        lines.append(f"ISA {m.get('isa')}: train.amp auto trains in {m.get('amp_auto')} here ({m.get('amp_auto_why')})"
+                     + ("" if m.get("native_bf16", True) else "; bf16 not measured (emulated on this host)"))
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     lines.append("  ".join("-" * w for w in widths).rstrip())
     for r_ in rows:

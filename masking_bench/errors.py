@@ -1,4 +1,5 @@
-"""The one exception type users see: a one-line message naming what is wrong and what is accepted."""
+"""The errors users see: :class:`BenchError` and its kinds, each a one-line message naming what is wrong
+and what is accepted."""
 
 
 class BenchError(Exception):
@@ -18,3 +19,7 @@ class NonFiniteLossError(BenchError):
 
 class RunBusyError(BenchError):
     """Another process holds the run's lock (a second worker, or a cluster job) and is training it."""
+
+
+class StrategyError(BenchError):
+    """A strategy raised, or returned a plan that breaks the contract (``masking_bench.masking``)."""

@@ -7,9 +7,11 @@ into its records instead (``summary.json`` and the checkpoint), part by part:
 - ``model``, ``trainer``, ``data``, ``evaluation`` (+ ``finetune`` when enabled), ``contract``: the
   engine modules whose code reaches the numbers.
 
-Each part is hashed over its *normalised* source: the Python AST with docstrings removed, printed
-back with :func:`ast.unparse`. Comments, docstrings and formatting never change a fingerprint; any
-change of code does. A record whose stamp differs from the current code is *stale*: ``status``
+Each part is hashed over its *normalised* source: the Python AST without docstrings and type
+annotations, printed back with :func:`ast.unparse`. Comments, docstrings, type hints and formatting
+never change a fingerprint; any other change of code does. Each file is read once per process, at
+the first fingerprint (the engine's when this module is imported, a strategy's when it registers),
+so an edit made while a run trains cannot be stamped onto that run. A record whose stamp differs from the current code is *stale*: ``status``
 names the parts, ``run`` retrains it, ``report`` marks it. ``certify`` proves a refactor harmless by
 rerunning a few cells bit-for-bit and then re-stamps the records (see the README, "Run records").
 """
@@ -34,23 +36,32 @@ ENGINE_PARTS: dict[str, tuple[str, ...]] = {
 FINETUNE_PART = ("finetune", ("finetune.py",))
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
+def _strip_non_code(tree: ast.AST) -> ast.AST:
+    """Remove docstrings and type annotations of signatures and assignments (they never reach a number)."""
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
                     and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+        elif isinstance(node, ast.arg):
+            node.annotation = None
+        elif isinstance(node, ast.AnnAssign):
+            node.annotation = ast.Name(id="_", ctx=ast.Load())
     return tree
 
 
 def normalised_source(text: str) -> str:
-    """The code of a Python source text without comments, docstrings or formatting."""
-    return ast.unparse(_strip_docstrings(ast.parse(text)))
+    """The code of a Python source text without comments, docstrings, type annotations or formatting."""
+    return ast.unparse(_strip_non_code(ast.parse(text)))
 
 
-@functools.lru_cache(maxsize=256)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+@functools.lru_cache(maxsize=None)
+def file_digest(path: str | Path) -> str:
+    """Digest of a source file's normalised code, read once per process: a file edited while the
+    process runs keeps the digest of the code this process loaded."""
     text = Path(path).read_text(encoding="utf-8")
     try:
         canon = normalised_source(text)
@@ -59,15 +70,10 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
-def file_digest(path: str | Path) -> str:
-    st = Path(path).stat()
-    return _file_digest(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-
-
 def _digest_files(paths: list[Path]) -> str:
     if len(paths) == 1:
-        return file_digest(paths[0])
-    joined = ",".join(f"{p.name}:{file_digest(p)}" for p in paths)
+        return file_digest(str(paths[0]))
+    joined = ",".join(f"{p.name}:{file_digest(str(p))}" for p in paths)
     return hashlib.sha256(joined.encode()).hexdigest()[:12]
 
 
@@ -96,6 +102,7 @@ def strategy_files(cls: type) -> list[Path]:
 
 
 def strategy_digest(cls: type) -> str:
+    """Digest of a strategy's code; :func:`masking_bench.masking.register` takes it when the class registers."""
     files = strategy_files(cls)
     return _digest_files(files) if files else "unknown"
 
@@ -108,7 +115,7 @@ def code_fingerprint(spec) -> dict[str, str]:
 
         for plugin in spec.plugins:
             load_plugin(plugin)
-        parts["strategy"] = strategy_digest(get_strategy_class(spec.strategy.name))
+        parts["strategy"] = strategy_digest(get_strategy_class(spec.strategy.name))  # cached since registration
     parts.update(engine_parts(finetune=spec.eval.finetune.enabled))
     return parts
 
@@ -126,3 +133,6 @@ def describe_change(names: list[str], spec) -> str:
         return "recorded before code fingerprints"
     shown = [f"strategy '{spec.strategy.name}'" if n == "strategy" else n for n in names]
     return "code changed: " + ", ".join(shown)
+
+
+engine_parts()  # read the engine's files now, beside the imports of the code they describe

@@ -22,9 +22,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import BenchError
+from .errors import BenchError, StrategyError
 
 ENTRY_POINT_GROUP = "masking_bench.strategies"
+# a plan's mean realised ratio may differ this much from the requested one (block masking may fall
+# short of its target, coarse cells round up) unless the strategy declares ``adaptive_ratio``
+RATIO_TOLERANCE = 0.1
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -61,6 +64,31 @@ class MaskPlan:
     def realised_ratio(self) -> torch.Tensor:
         """Per-sample fraction of hidden tokens, (N,)."""
         return self.mask.float().mean(dim=1)
+
+    def check(self, strategy: "MaskingStrategy", batch: int, num_tokens: int) -> None:
+        """Raise :class:`StrategyError` naming the strategy and the rule when this plan breaks the contract:
+        a bool (N, L) mask; at least one hidden and one visible token per sample; a mean realised ratio
+        within ``RATIO_TOLERANCE`` of the requested one (unless the strategy's ratio is adaptive)."""
+        who = f"strategy '{strategy.name}' (ratio {strategy.ratio:g})"
+        mask = self.mask
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise StrategyError(f"{who}: plan().mask must be a torch.bool tensor (True = hidden), got {kind}")
+        if tuple(mask.shape) != (batch, num_tokens):
+            raise StrategyError(f"{who}: plan().mask must have shape (batch, tokens) = ({batch}, {num_tokens}), "
+                                f"got {tuple(mask.shape)}")
+        hidden = mask.sum(dim=1)
+        low, high = int(hidden.min()), int(hidden.max())
+        if low < 1 or high > num_tokens - 1:
+            what = "hides no token" if low < 1 else "hides every token"
+            raise StrategyError(f"{who}: a sample's mask {what}; every sample needs at least one hidden and one "
+                                f"visible token (hidden per sample: {low}..{high} of {num_tokens})")
+        if not strategy.adaptive_ratio:
+            realised = float(hidden.float().mean()) / num_tokens
+            if abs(realised - strategy.ratio) > RATIO_TOLERANCE:
+                raise StrategyError(f"{who}: plan hides {realised:.3f} of the tokens on average, more than "
+                                    f"{RATIO_TOLERANCE} from the requested ratio; return masks near the ratio, or "
+                                    "set the class attribute adaptive_ratio = True if the strategy chooses it")
 
 
 class PlanContext:
@@ -109,6 +137,8 @@ class MaskingStrategy:
       methods: MIM methods the strategy supports (``mae`` drops hidden tokens, ``simmim`` replaces them).
       needs: what the trainer must provide (``embeddings``, ``attention``) — recorded for cost reports.
       interpretation: True when the implementation is our reading of an unreadable paper ([INTERP]).
+      adaptive_ratio: True when the strategy chooses the realised ratio itself (the trainer then does
+        not hold plans to the requested ratio).
       source: the paper section / reference code the strategy implements.
       summary: one line on what the strategy hides (``list`` shows it; default: the docstring's first line).
     """
@@ -118,6 +148,7 @@ class MaskingStrategy:
     methods: ClassVar[tuple[str, ...]] = ("mae", "simmim")
     needs: ClassVar[frozenset[str]] = frozenset()
     interpretation: ClassVar[bool] = False
+    adaptive_ratio: ClassVar[bool] = False
     source: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
@@ -192,6 +223,9 @@ def register(cls: type[MaskingStrategy]) -> type[MaskingStrategy]:
         raise BenchError(f"strategy name '{cls.name}' is taken by {_ORIGIN[cls.name]}; rename {origin}")
     _REGISTRY[cls.name] = cls
     _ORIGIN[cls.name] = origin
+    from .fingerprint import strategy_digest
+
+    strategy_digest(cls)  # read its source now, while it is the code this process runs
     return cls
 
 

@@ -21,10 +21,10 @@ import torch
 
 from .config import RunSpec
 from .data import Augment, Dataset, TensorLoader, load_dataset
-from .errors import BenchError, NonFiniteLossError
+from .errors import BenchError, NonFiniteLossError, StrategyError
 from .evaluate import evaluate_encoder
 from .fingerprint import code_fingerprint
-from .masking import MaskingStrategy, PlanContext, build_strategy, load_plugin
+from .masking import MaskingStrategy, MaskPlan, PlanContext, build_strategy, load_plugin
 from .models import MIMViT, build_model, explicit_attention
 from .precision import check_on_device
 from .store import RunRecord, atomic_write_bytes
@@ -143,19 +143,37 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
-def _step(model, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor, amp_dtype,
-          dist_info: DistInfo = DistInfo(), forward=None):
-    """Plan on the whole (global) batch, then compute this rank's share of the loss.
+def _call_strategy(strategy: MaskingStrategy, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a strategy's ``plan``/``losses``; its exceptions come back naming the strategy (one line)."""
+    try:
+        return fn(*args)
+    except BenchError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise StrategyError(f"strategy '{strategy.name}' (ratio {strategy.ratio:g}) failed in {what}(): "
+                            f"{type(exc).__name__}: {first}") from exc
 
-    Every rank plans the identical global plan (same generator state, same weights), so a DDP run
-    sees exactly the masks of a single-process run with the same global batch.
+
+def forward_losses(model: MIMViT, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor,
+                   amp_dtype: torch.dtype | None, dist_info: DistInfo = DistInfo(),
+                   forward: Callable[..., Any] | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], MaskPlan, float]:
+    """Plan on the whole (global) batch, check the plan, then compute this rank's share of the loss.
+
+    Returns (loss, named loss terms, the global plan, seconds spent planning). Every rank plans the
+    identical global plan (same generator state, same weights), so a DDP run sees exactly the masks
+    of a single-process run with the same global batch.
     """
     explicit = x.device.type == "cpu" and amp_dtype == torch.bfloat16  # SDPA's CPU bf16 backward is slow
     with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None), \
             explicit_attention(model, explicit):
         t0 = time.perf_counter()
-        plan = strategy.plan(x, ctx)
+        plan = _call_strategy(strategy, "plan", strategy.plan, x, ctx)
         t_plan = time.perf_counter() - t0
+        if not isinstance(plan, MaskPlan):
+            raise StrategyError(f"strategy '{strategy.name}': plan() must return a MaskPlan, got {type(plan).__name__}")
+        plan.check(strategy, x.shape[0], ctx.num_tokens)
         local = plan
         if dist_info.world > 1:
             share = x.shape[0] // dist_info.world
@@ -164,9 +182,69 @@ def _step(model, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor, a
         view = local.view if local.view is not None else x
         out = (forward or model)(view, local.mask, isolate_mask_tokens=local.isolate_mask_tokens,
                                  record_attention=local.record_attention)
-        terms = strategy.losses(model, out, local, view)
+        terms = _call_strategy(strategy, "losses", strategy.losses, model, out, local, view)
     loss = sum(terms.values())
     return loss, terms, plan, t_plan
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports to the loop (plain numbers, plus the realised ratios)."""
+
+    loss: float
+    terms: dict[str, float]
+    lr: float
+    plan_seconds: float
+    realised_ratio: torch.Tensor  # (N,) per sample of the global batch
+
+
+class TrainStep:
+    """One optimizer step of the trainer, the only one: the pre-training loop and ``bench`` call it.
+
+    Per call: the learning rate of this step (warm-up + cosine), the mask generator seeded from
+    (seed, epoch, step), plan → check → forward → loss terms (:func:`forward_losses`), a finite-loss
+    check, backward, gradient clipping and AdamW; on DDP ranks the logged loss is the global mean.
+    """
+
+    def __init__(self, spec: RunSpec, model: MIMViT, strategy: MaskingStrategy, opt: torch.optim.Optimizer,
+                 device: torch.device, steps_per_epoch: int, dist_info: DistInfo = DistInfo(),
+                 forward: Callable[..., Any] | None = None, where: str = ""):
+        self.spec, self.model, self.strategy, self.opt = spec, model, strategy, opt
+        self.steps_per_epoch = steps_per_epoch
+        self.dist_info = dist_info
+        self.forward = forward
+        self.where = where  # appended to a non-finite-loss error (where finished work is kept)
+        self.amp_dtype = torch.bfloat16 if spec.precision == "bf16" else None
+        self.gen = torch.Generator(device=device)
+        self.ctx = PlanContext(model, model.grid, self.gen, total_epochs=spec.train.epochs, method=spec.method)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, x: torch.Tensor, epoch: int, step: int) -> StepResult:
+        spec, t = self.spec, self.spec.train
+        global_step = epoch * self.steps_per_epoch + step
+        lr = lr_at(global_step, self.steps_per_epoch, spec)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.gen.manual_seed(mask_seed(spec.seed, epoch, step))
+        self.ctx.epoch = epoch
+        self.ctx.step = global_step
+        loss, terms, plan, t_plan = forward_losses(self.model, self.strategy, self.ctx, x, self.amp_dtype,
+                                                   self.dist_info, self.forward)
+        if not torch.isfinite(loss):
+            advice = "lower train.base_lr" + (" or set train.amp: none" if self.amp_dtype is not None else "")
+            raise NonFiniteLossError(f"run {spec.run_hash} ({spec.short()}): loss became {loss.item()} at epoch "
+                                     f"{epoch} step {step}{self.where} — {advice}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad)
+        self.opt.step()
+        if self.dist_info.world > 1:  # log the global-batch loss (mean of the ranks' equal shares)
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.dist_info.world
+        return StepResult(loss.item(), {k: float(v.detach()) for k, v in terms.items()}, lr, t_plan,
+                          plan.realised_ratio().detach())
 
 
 def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | None = None,
@@ -247,7 +325,7 @@ def training_flops_per_image(model, strategy, spec: RunSpec, dataset: Dataset, d
     ctx = PlanContext(model, model.grid, gen, epoch=spec.train.epochs, total_epochs=spec.train.epochs, method=spec.method)
     counter = FlopCounterMode(display=False)
     with counter:
-        loss, _, _, _ = _step(model, strategy, ctx, x, None)
+        loss, _, _, _ = forward_losses(model, strategy, ctx, x, None)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / x.shape[0]
@@ -277,47 +355,26 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
         start_epoch = int(state["epochs_done"])
     if writes:
         record.truncate_metrics(start_epoch)
-    amp_dtype = torch.bfloat16 if spec.precision == "bf16" else None
-    gen = torch.Generator(device=device)
-    ctx = PlanContext(model, model.grid, gen, total_epochs=t.epochs, method=spec.method)
     steps_per_epoch = len(loader)
-    params = [p for p in model.parameters() if p.requires_grad]
+    train_step = TrainStep(spec, model, strategy, opt, device, steps_per_epoch, dist_info, forward,
+                           where=f"; finished epochs are kept in {record.dir}")
     total_seconds = sum(r["seconds"] for r in record.read_metrics())
     bar = progress(total=t.epochs, initial=start_epoch, desc=spec.short(), unit="ep", leave=False) if progress else None
     steps_done = 0
     model.train()
     for epoch in range(start_epoch, t.epochs):
-        ctx.epoch = epoch
         sums = {"loss": 0.0, "plan_seconds": 0.0}
         term_sums: dict[str, float] = {}
         ratios = []
         t0 = time.perf_counter()
         for step, (x, _) in enumerate(loader.batches(epoch)):
-            global_step = epoch * steps_per_epoch + step
-            lr = lr_at(global_step, steps_per_epoch, spec)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            gen.manual_seed(mask_seed(spec.seed, epoch, step))
-            ctx.step = global_step
-            loss, terms, plan, t_plan = _step(model, strategy, ctx, x, amp_dtype, dist_info, forward)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"run {spec.run_hash} ({spec.short()}): loss became {loss.item()} at epoch {epoch} step {step}; "
-                    f"finished epochs are kept in {record.dir} — lower train.base_lr or set train.amp: none")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
-            opt.step()
-            if dist_info.world > 1:  # log the global-batch loss (mean of the ranks' equal shares)
-                loss = loss.detach().clone()
-                torch.distributed.all_reduce(loss)
-                loss /= dist_info.world
-            sums["loss"] += loss.item()
-            sums["plan_seconds"] += t_plan
-            for k, v in terms.items():
-                term_sums[k] = term_sums.get(k, 0.0) + float(v.detach())
-            ratios.append(plan.realised_ratio().detach())
+            result = train_step(x, epoch, step)
+            lr = result.lr
+            sums["loss"] += result.loss
+            sums["plan_seconds"] += result.plan_seconds
+            for k, v in result.terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v
+            ratios.append(result.realised_ratio)
             steps_done += 1
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 raise KeyboardInterrupt(f"stopped after {steps_done} steps (test hook)")

@@ -221,6 +221,7 @@ class SalienceAdaptiveRatio(SalienceMasking):
     name = "sbam_amr"
     summary = "SBAM with a masking ratio that adapts to how much of the image is salient"
     interpretation = True
+    adaptive_ratio = True  # r = r0 − Δ + 2Δ·(salient fraction): the trainer does not hold it to r0
     source = ("SBAM + AMR (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
               "saliency_guided_masking; spec §6")
     defaults: dict[str, Any] = {**SalienceMasking.defaults, "delta_ratio": 0.10, "threshold": 0.5, "mode": "batch"}

@@ -78,7 +78,7 @@ def test_each_rank_computes_only_its_share_of_the_global_plan():
 
     from masking_bench.masking import PlanContext, build_strategy
     from masking_bench.models import build_model
-    from masking_bench.train import DistInfo, _step
+    from masking_bench.train import DistInfo, forward_losses
 
     torch.manual_seed(0)
     model = build_model("cpu-tiny", "mae", 28, 1)
@@ -93,7 +93,7 @@ def test_each_rank_computes_only_its_share_of_the_global_plan():
     plans = []
     for rank in (0, 1):
         ctx = PlanContext(model, model.grid, torch.Generator().manual_seed(3))
-        _, _, plan, _ = _step(model, strategy, ctx, x, None, DistInfo(rank, 2), forward)
+        _, _, plan, _ = forward_losses(model, strategy, ctx, x, None, DistInfo(rank, 2), forward)
         plans.append(plan)
     assert torch.equal(plans[0].mask, plans[1].mask)  # the same global plan on every rank
     assert torch.equal(seen[0][0], x[:4]) and torch.equal(seen[1][0], x[4:])

@@ -13,7 +13,7 @@ from masking_bench.errors import BenchError
 from masking_bench.masking import PlanContext, build_strategy
 from masking_bench.models import patchify, unpatchify
 from masking_bench.strategies.misalign import big_size
-from masking_bench.train import _step
+from masking_bench.train import forward_losses
 
 L = 49
 N = 4
@@ -195,7 +195,7 @@ def test_step_and_backward(images, method, fresh_model):
     model = fresh_model(method)
     model.train()
     strat = build_strategy("misalign", 0.75, method)
-    loss, terms, plan, _ = _step(model, strat, ctx_for(model, 0), images, None)
+    loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 0), images, None)
     assert torch.isfinite(loss) and math.isclose(loss.item(), sum(v.item() for v in terms.values()), rel_tol=1e-6)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -11,7 +11,7 @@ from masking_bench.errors import BenchError
 from masking_bench.masking import PlanContext, build_strategy
 from masking_bench.models import patchify, unpatchify
 from masking_bench.strategies.mto import depth_weights, mto_terms
-from masking_bench.train import _step
+from masking_bench.train import forward_losses
 
 L = 49  # cpu-tiny at 28 px: 7x7 tokens
 N = 4
@@ -200,7 +200,7 @@ def test_step_finite_and_backward(method, recalibrate, images, fresh_model):
     model = fresh_model(method)
     model.train()
     strat = build_strategy("mto", 0.75, method, {"recalibrate": recalibrate})
-    loss, terms, plan, _ = _step(model, strat, ctx_for(model, 0), images, None)
+    loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 0), images, None)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
     assert terms["mto_e"] > 0 and terms["mto_spa"] > 0
     loss.backward()
@@ -214,7 +214,7 @@ def test_zero_lambdas_give_plain_recon(models, images, method):
     model = models[method]
     strat = build_strategy("mto", 0.75, method, {"lambda_spa": 0.0, "lambda_e": 0.0, "lambda_r": 0.0})
     with torch.no_grad():
-        loss, terms, plan, _ = _step(model, strat, ctx_for(model, 4), images, None)
+        loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 4), images, None)
         out = model(images, plan.mask, isolate_mask_tokens=True)
     assert plan.record_attention == ()
     assert loss.item() == terms["recon"].item()

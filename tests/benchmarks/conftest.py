@@ -32,9 +32,16 @@ def setup():
 
 
 @pytest.fixture(scope="session")
-def variants() -> dict:
-    """Product-step variants (bf16 as the CPU suites run it; compile when asked) measured next to the fp32 step."""
-    return bench.default_variants(compile=os.environ.get("MASKING_BENCH_BENCH_COMPILE") == "1")
+def bf16(setup) -> bool:
+    """Whether this host runs bf16 natively; where it does not, only fp32 is measured (as `bench` does)."""
+    return bench.native_bf16(setup.device)
+
+
+@pytest.fixture(scope="session")
+def variants(bf16) -> dict:
+    """Product-step variants (bf16 where native, as `train.amp: auto` trains; compile when asked) measured
+    next to the fp32 step."""
+    return bench.default_variants(compile=os.environ.get("MASKING_BENCH_BENCH_COMPILE") == "1", bf16=bf16)
 
 
 @pytest.fixture
