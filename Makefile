@@ -27,6 +27,8 @@ run: setup data
 	$(PY) -m masking_bench run suites/smoke.yaml
 
 test: setup data
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 bench: setup data

@@ -29,8 +29,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -57,9 +58,11 @@ PLAN_STRATEGIES: dict[str, tuple[str, dict]] = {
 # SDPA for timm's explicit attention (SDPA's CPU bf16 backward made bf16 slower than fp32 here).
 FAST_STEP: dict[str, Any] = {"amp": "bf16"}
 # Opt-in torch.compile variants (minutes of compilation on a 2-core CPU, hence not in the default run).
-COMPILE_VARIANTS: dict[str, dict] = {"compiled": {"compile": True},
-                                     "compiled_explicit": {"compile": True, "attention": "explicit"},
-                                     "bf16_compiled": {**FAST_STEP, "compile": True}}
+COMPILE_VARIANTS: dict[str, dict] = {
+    "compiled": {"compile": True},
+    "compiled_explicit": {"compile": True, "attention": "explicit"},
+    "bf16_compiled": {**FAST_STEP, "compile": True},
+}
 
 # The issue's targets (reported, never asserted).
 TARGETS = {"step_vs_reference": 1.25, "flops_fraction": 0.50, "plan_share": 0.03, "data_vs_model": 20.0}
@@ -95,8 +98,13 @@ class Timings:
         return (q3 - q1) / 2 / statistics.median(v)
 
 
-def interleaved(contenders: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 7,
-                inner: dict[str, int] | int = 1, warmup: int = 1) -> Timings:
+def interleaved(
+    contenders: dict[str, Callable[[], Any]],
+    device: torch.device,
+    rounds: int = 7,
+    inner: dict[str, int] | int = 1,
+    warmup: int = 1,
+) -> Timings:
     """Time each contender ``rounds`` times, interleaved (A B C, C B A, A B C, ...).
 
     ``inner`` calls per timed round (an int or per contender) amortise very short calls; every
@@ -136,11 +144,18 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     from .precision import hardware, resolve
 
     hw = hardware(device.type)
-    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                            "cpu": _cpu_name(), "isa": torch.backends.cpu.get_cpu_capability(),
-                            "native_bf16": hw.native_bf16, "amp_auto": resolve("auto", device.type, hw),
-                            "amp_auto_why": hw.why}
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": hw.native_bf16,
+        "amp_auto": resolve("auto", device.type, hw),
+        "amp_auto_why": hw.why,
+    }
     with contextlib.suppress(OSError, AttributeError):
         info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
@@ -159,14 +174,30 @@ def _cpu_name() -> str:
 # ------------------------------------------------------------------------------------------ setup
 
 
-def bench_spec(preset: str = "cpu-tiny", batch_size: int = 256, ratio: float = 0.75, strategy: str = "random",
-               params: dict | None = None, amp: str = "none", dataset: str = "fashion_mnist", seed: int = 0,
-               method: str = "mae") -> RunSpec:
+def bench_spec(
+    preset: str = "cpu-tiny",
+    batch_size: int = 256,
+    ratio: float = 0.75,
+    strategy: str = "random",
+    params: dict | None = None,
+    amp: str = "none",
+    dataset: str = "fashion_mnist",
+    seed: int = 0,
+    method: str = "mae",
+) -> RunSpec:
     """A run spec at the CPU default config (the ratio_sweep's model, batch, optimizer and augmentation)."""
-    return RunSpec(suite="bench", strategy=StrategyRef(name=strategy, params=dict(params or {})), ratio=ratio,
-                   seed=seed, method=method, model=ModelConfig(preset=preset), data=DataConfig(name=dataset),
-                   train=TrainConfig(batch_size=batch_size, amp=amp, epochs=3, warmup_epochs=0.5),
-                   eval=EvalConfig(), precision="bf16" if amp == "bf16" else "fp32")
+    return RunSpec(
+        suite="bench",
+        strategy=StrategyRef(name=strategy, params=dict(params or {})),
+        ratio=ratio,
+        seed=seed,
+        method=method,
+        model=ModelConfig(preset=preset),
+        data=DataConfig(name=dataset),
+        train=TrainConfig(batch_size=batch_size, amp=amp, epochs=3, warmup_epochs=0.5),
+        eval=EvalConfig(),
+        precision="bf16" if amp == "bf16" else "fp32",
+    )
 
 
 @dataclass
@@ -181,8 +212,15 @@ class BenchSetup:
     batch: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
 
     def spec(self, strategy: str = "random", params: dict | None = None, amp: str = "none") -> RunSpec:
-        return bench_spec(self.preset, self.batch_size, self.ratio, strategy, params, amp,
-                          "fashion_mnist" if self.dataset.name == "fashion_mnist" else "synthetic")
+        return bench_spec(
+            self.preset,
+            self.batch_size,
+            self.ratio,
+            strategy,
+            params,
+            amp,
+            "fashion_mnist" if self.dataset.name == "fashion_mnist" else "synthetic",
+        )
 
 
 _DATA: dict[str, Dataset] = {}
@@ -203,12 +241,18 @@ def bench_dataset(name: str = "auto") -> Dataset:
     return _DATA[name]
 
 
-def make_setup(device: str | torch.device = "auto", preset: str = "cpu-tiny", batch_size: int = 256,
-               ratio: float = 0.75, dataset: str = "auto") -> BenchSetup:
+def make_setup(
+    device: str | torch.device = "auto",
+    preset: str = "cpu-tiny",
+    batch_size: int = 256,
+    ratio: float = 0.75,
+    dataset: str = "auto",
+) -> BenchSetup:
     dev = pick_device(device) if isinstance(device, str) else device
     ds = bench_dataset(dataset)
-    loader = TensorLoader(ds.train.subset(batch_size, seed=0), batch_size, ds.mean, ds.std, device=dev, seed=0,
-                          augment=Augment())
+    loader = TensorLoader(
+        ds.train.subset(batch_size, seed=0), batch_size, ds.mean, ds.std, device=dev, seed=0, augment=Augment()
+    )
     x, _ = next(loader.batches(0))
     return BenchSetup(dev, ds, preset, batch_size, ratio, x)
 
@@ -225,9 +269,17 @@ class ProductStep:
       attention: 'fused' (timm's default, SDPA) or 'explicit' (timm's ``fused_attn = False``).
     """
 
-    def __init__(self, setup: BenchSetup, strategy: str = "random", params: dict | None = None,
-                 amp: str = "none", compile: bool = False, fused_adamw: bool = False, attention: str = "fused",
-                 compile_options: dict | None = None):
+    def __init__(
+        self,
+        setup: BenchSetup,
+        strategy: str = "random",
+        params: dict | None = None,
+        amp: str = "none",
+        compile: bool = False,
+        fused_adamw: bool = False,
+        attention: str = "fused",
+        compile_options: dict | None = None,
+    ):
         self.setup = setup
         self.spec = spec = setup.spec(strategy, params, amp)
         self.device = dev = setup.device
@@ -238,12 +290,19 @@ class ProductStep:
         self.strategy = build_strategy(spec.strategy.name, spec.ratio, spec.method, spec.strategy.params)
         opt = make_optimizer(self.model, spec)
         if fused_adamw:
-            opt = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "weight_decay")}
-                                     for g in opt.param_groups], lr=0.0, betas=spec.train.betas, fused=True)
+            opt = torch.optim.AdamW(
+                [{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in opt.param_groups],
+                lr=0.0,
+                betas=spec.train.betas,
+                fused=True,
+            )
         forward = None
         if compile:
             compiled = torch.compile(self.model, **(compile_options or {}))
-            forward = lambda *a, **k: compiled(*a, **k)  # noqa: E731  (an OptimizedModule has no bool())
+
+            def forward(*args, **kwargs):  # a plain function: an OptimizedModule has no bool()
+                return compiled(*args, **kwargs)
+
         self.steps_per_epoch = 78  # ratio_sweep: 20k images / 256
         self.train_step = TrainStep(spec, self.model, self.strategy, opt, dev, self.steps_per_epoch, forward=forward)
         self.global_step = 0
@@ -287,9 +346,20 @@ class ReferenceMAE(nn.Module):
     restores the token order with ``gather``, MSE on per-patch normalised pixels of hidden patches.
     """
 
-    def __init__(self, img_size: int = 28, in_chans: int = 1, patch_size: int = 4, embed_dim: int = 128,
-                 depth: int = 4, num_heads: int = 4, decoder_dim: int = 64, decoder_depth: int = 1,
-                 decoder_heads: int = 4, mlp_ratio: float = 4.0, norm_pix_loss: bool = True):
+    def __init__(
+        self,
+        img_size: int = 28,
+        in_chans: int = 1,
+        patch_size: int = 4,
+        embed_dim: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        decoder_dim: int = 64,
+        decoder_depth: int = 1,
+        decoder_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+    ):
         super().__init__()
         from functools import partial
 
@@ -303,17 +373,19 @@ class ReferenceMAE(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         pos = torch.cat([torch.zeros(1, embed_dim), sincos_pos_embed_2d(embed_dim, grid, grid)])[None]
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
+        )
         self.norm = norm(embed_dim)
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         dpos = torch.cat([torch.zeros(1, decoder_dim), sincos_pos_embed_2d(decoder_dim, grid, grid)])[None]
         self.decoder_pos_embed = nn.Parameter(dpos, requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True,
-                                                  norm_layer=norm) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(decoder_depth)
+        )
         self.decoder_norm = norm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_size ** 2 * in_chans)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size**2 * in_chans)
         torch.nn.init.normal_(self.cls_token, std=0.02)
         torch.nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
@@ -368,8 +440,11 @@ class ReferenceStep:
         self.model = ReferenceMAE(img_size=ds.image_size, in_chans=ds.channels, **cfg).to(setup.device)
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=1.5e-4, betas=(0.9, 0.95))
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1.5e-4,
+            betas=(0.9, 0.95),
+        )
         self.ratio = setup.ratio
         self.x = setup.batch
         self.model.train()
@@ -405,7 +480,7 @@ def matmul_call(device: torch.device, dtype: torch.dtype, n: int | None = None) 
     a = torch.randn(n, n, generator=g, device=device).to(dtype)
     b = torch.randn(n, n, generator=g, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    return (lambda: torch.mm(a, b, out=out)), 2.0 * n ** 3
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n**3
 
 
 # ------------------------------------------------------------------------------------ the figures
@@ -426,9 +501,12 @@ def step_vs_reference(setup: BenchSetup, rounds: int = 9, variants: dict[str, di
         contenders[name] = ProductStep(setup, **kw)
     timings = interleaved(contenders, setup.device, rounds=rounds, warmup=2)
     b = setup.batch_size
-    out: dict[str, Any] = {"batch": b, "rounds": rounds,
-                           "reference_ms": timings.median("reference") * 1e3,
-                           "reference_img_per_s": b / timings.median("reference")}
+    out: dict[str, Any] = {
+        "batch": b,
+        "rounds": rounds,
+        "reference_ms": timings.median("reference") * 1e3,
+        "reference_img_per_s": b / timings.median("reference"),
+    }
     for name in contenders:
         if name == "reference":
             continue
@@ -441,8 +519,13 @@ def step_vs_reference(setup: BenchSetup, rounds: int = 9, variants: dict[str, di
     return out
 
 
-def flops_vs_peak(setup: BenchSetup, rounds: int = 7, matmul_n: int | None = None,
-                  dtypes: tuple[str, ...] = ("fp32", "bf16"), variants: dict[str, dict] | None = None) -> dict[str, Any]:
+def flops_vs_peak(
+    setup: BenchSetup,
+    rounds: int = 7,
+    matmul_n: int | None = None,
+    dtypes: tuple[str, ...] = ("fp32", "bf16"),
+    variants: dict[str, dict] | None = None,
+) -> dict[str, Any]:
     """Figure 2: achieved FLOP/s of the product's step / FLOP/s of a large matmul, per precision.
 
     fp32: the step as the trainer runs it (``train.amp: none``) vs an fp32 matmul; bf16: the step
@@ -463,13 +546,16 @@ def flops_vs_peak(setup: BenchSetup, rounds: int = 7, matmul_n: int | None = Non
     inner = {k: (3 if k.startswith("matmul") else 1) for k in contenders}
     timings = interleaved(contenders, dev, rounds=rounds, inner=inner, warmup=2)
     step_flops = flops_img * setup.batch_size
-    out: dict[str, Any] = {"flops_per_image": flops_img, "matmul_n": matmul_n or default_matmul_size(dev),
-                           "rounds": rounds}
+    out: dict[str, Any] = {
+        "flops_per_image": flops_img,
+        "matmul_n": matmul_n or default_matmul_size(dev),
+        "rounds": rounds,
+    }
     for d in dtypes:
         peak = mm_flops / timings.median(f"matmul_{d}")
         out[f"peak_{d}_gflops"] = peak / 1e9
     for name in steps:
-        tag = name[len("step_"):]
+        tag = name[len("step_") :]
         kw = (variants or {}).get(tag, {"amp": amp_of.get(tag, "none")})
         peak_tag = "bf16" if kw.get("amp") == "bf16" else "fp32"
         achieved = step_flops / timings.median(name)
@@ -477,15 +563,20 @@ def flops_vs_peak(setup: BenchSetup, rounds: int = 7, matmul_n: int | None = Non
         out[f"{tag}_peak"] = peak_tag
         out[f"{tag}_fraction"] = achieved / (out[f"peak_{peak_tag}_gflops"] * 1e9)
         out[f"{tag}_img_per_s"] = setup.batch_size / timings.median(name)
-    best = max((t for t in (n[len("step_"):] for n in steps)), key=lambda t: out[f"{t}_fraction"])
+    best = max((t for t in (n[len("step_") :] for n in steps)), key=lambda t: out[f"{t}_fraction"])
     out["best"] = best
     out["fraction"] = out[f"{best}_fraction"]
     out["timings"] = timings.seconds
     return out
 
 
-def plan_share(setup: BenchSetup, strategies: dict[str, tuple[str, dict]] | None = None, rounds: int = 5,
-               plan_inner: int = 3, fast: dict | None = None) -> dict[str, Any]:
+def plan_share(
+    setup: BenchSetup,
+    strategies: dict[str, tuple[str, dict]] | None = None,
+    rounds: int = 5,
+    plan_inner: int = 3,
+    fast: dict | None = None,
+) -> dict[str, Any]:
     """Figure 3: per strategy, median ``plan`` time / median time of that strategy's whole training step.
 
     ``fast``: ``ProductStep`` keywords of a faster step (e.g. ``FAST_STEP``); its share is
@@ -498,9 +589,12 @@ def plan_share(setup: BenchSetup, strategies: dict[str, tuple[str, dict]] | None
         if fast is not None:
             contenders["fast"] = ProductStep(setup, strategy=name, params=params, **fast)
         timings = interleaved(contenders, setup.device, rounds=rounds, inner={"plan": plan_inner}, warmup=1)
-        row = {"plan_ms": timings.median("plan") * 1e3, "step_ms": timings.median("step") * 1e3,
-               "step_best_ms": min(timings.seconds["step"]) * 1e3,
-               "share": timings.median("plan") / timings.median("step")}
+        row = {
+            "plan_ms": timings.median("plan") * 1e3,
+            "step_ms": timings.median("step") * 1e3,
+            "step_best_ms": min(timings.seconds["step"]) * 1e3,
+            "share": timings.median("plan") / timings.median("step"),
+        }
         if fast is not None:
             row["fast_step_ms"] = timings.median("fast") * 1e3
             row["fast_step_best_ms"] = min(timings.seconds["fast"]) * 1e3
@@ -513,12 +607,14 @@ def plan_share(setup: BenchSetup, strategies: dict[str, tuple[str, dict]] | None
     return out
 
 
-def data_vs_model(setup: BenchSetup, rounds: int = 7, batches_per_round: int = 10,
-                  train_subset: int = 20_000) -> dict[str, Any]:
+def data_vs_model(
+    setup: BenchSetup, rounds: int = 7, batches_per_round: int = 10, train_subset: int = 20_000
+) -> dict[str, Any]:
     """Figure 4: augmented loader batches/s (``TensorLoader`` + ``Augment``, the trainer's) / model steps/s."""
     ds, dev, b = setup.dataset, setup.device, setup.batch_size
-    loader = TensorLoader(ds.train.subset(train_subset, seed=0), b, ds.mean, ds.std, device=dev, seed=0,
-                          augment=Augment())
+    loader = TensorLoader(
+        ds.train.subset(train_subset, seed=0), b, ds.mean, ds.std, device=dev, seed=0, augment=Augment()
+    )
     state = {"epoch": 0, "it": loader.batches(0)}
 
     def next_batch():
@@ -530,15 +626,22 @@ def data_vs_model(setup: BenchSetup, rounds: int = 7, batches_per_round: int = 1
             return next(state["it"])
 
     step = ProductStep(setup)
-    timings = interleaved({"batch": next_batch, "step": step}, dev, rounds=rounds,
-                          inner={"batch": batches_per_round, "step": 1}, warmup=1)
-    return {"loader_batches_per_s": 1 / timings.median("batch"), "model_steps_per_s": 1 / timings.median("step"),
-            "batch_ms": timings.median("batch") * 1e3, "step_ms": timings.median("step") * 1e3,
-            "ratio": timings.ratio("step", "batch"), "rounds": rounds}
+    timings = interleaved(
+        {"batch": next_batch, "step": step}, dev, rounds=rounds, inner={"batch": batches_per_round, "step": 1}, warmup=1
+    )
+    return {
+        "loader_batches_per_s": 1 / timings.median("batch"),
+        "model_steps_per_s": 1 / timings.median("step"),
+        "batch_ms": timings.median("batch") * 1e3,
+        "step_ms": timings.median("step") * 1e3,
+        "ratio": timings.ratio("step", "batch"),
+        "rounds": rounds,
+    }
 
 
-def eval_features(setup: BenchSetup, images: int = 1024, rounds: int = 3, batch_size: int = 1024,
-                  matmul_n: int | None = None) -> dict[str, Any]:
+def eval_features(
+    setup: BenchSetup, images: int = 1024, rounds: int = 3, batch_size: int = 1024, matmul_n: int | None = None
+) -> dict[str, Any]:
     """Figure 5: ``extract_features`` images/s on test images, and its FLOP/s vs an fp32 matmul."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -550,34 +653,62 @@ def eval_features(setup: BenchSetup, images: int = 1024, rounds: int = 3, batch_
     split = Split(test.images[:images], test.labels[:images])
     model = make_model(setup.spec(), ds).to(dev)
     with torch.inference_mode():
-        probe = ((split.images[:8].to(dev).float() - 128) / 64)
+        probe = (split.images[:8].to(dev).float() - 128) / 64
         counter = FlopCounterMode(display=False)
         with counter:
             model.eval().forward_features(probe)
         model.train()
     flops_img = counter.get_total_flops() / probe.shape[0]
     mm, mm_flops = matmul_call(dev, torch.float32, matmul_n)
-    feats = lambda: extract_features(model, split, ds.mean, ds.std, "mean", batch_size, dev)  # noqa: E731
-    timings = interleaved({"features": feats, "matmul": mm}, dev, rounds=rounds, inner={"features": 1, "matmul": 3},
-                          warmup=1)
+
+    def feats():
+        return extract_features(model, split, ds.mean, ds.std, "mean", batch_size, dev)
+
+    timings = interleaved(
+        {"features": feats, "matmul": mm}, dev, rounds=rounds, inner={"features": 1, "matmul": 3}, warmup=1
+    )
     img_s = images / timings.median("features")
     peak = mm_flops / timings.median("matmul")
-    return {"images": images, "img_per_s": img_s, "img_per_s_best": images / min(timings.seconds["features"]),
-            "flops_per_image": flops_img,
-            "gflops": img_s * flops_img / 1e9, "peak_fp32_gflops": peak / 1e9,
-            "fraction": img_s * flops_img / peak, "rounds": rounds}
+    return {
+        "images": images,
+        "img_per_s": img_s,
+        "img_per_s_best": images / min(timings.seconds["features"]),
+        "flops_per_image": flops_img,
+        "gflops": img_s * flops_img / 1e9,
+        "peak_fp32_gflops": peak / 1e9,
+        "fraction": img_s * flops_img / peak,
+        "rounds": rounds,
+    }
 
 
 # ------------------------------------------------------------------------------------------ profile
 
-_CATEGORIES = (("GEMM (linear, mm, addmm, bmm, conv)", ("addmm", "aten::mm", "bmm", "matmul", "linear", "convolution")),
-               ("attention (SDPA kernels)", ("scaled_dot_product", "flash_attention")),
-               ("softmax", ("softmax",)),
-               ("GELU", ("gelu",)),
-               ("LayerNorm", ("layer_norm",)),
-               ("optimizer + clipping", ("adamw", "lerp", "addcdiv", "addcmul", "_foreach", "norm", "sqrt", "clamp")),
-               ("copies, casts, layout", ("copy_", "_to_copy", "clone", "contiguous", "cat", "gather", "scatter",
-                                          "index", "transpose", "permute", "reshape", "view", "expand")))
+_CATEGORIES = (
+    ("GEMM (linear, mm, addmm, bmm, conv)", ("addmm", "aten::mm", "bmm", "matmul", "linear", "convolution")),
+    ("attention (SDPA kernels)", ("scaled_dot_product", "flash_attention")),
+    ("softmax", ("softmax",)),
+    ("GELU", ("gelu",)),
+    ("LayerNorm", ("layer_norm",)),
+    ("optimizer + clipping", ("adamw", "lerp", "addcdiv", "addcmul", "_foreach", "norm", "sqrt", "clamp")),
+    (
+        "copies, casts, layout",
+        (
+            "copy_",
+            "_to_copy",
+            "clone",
+            "contiguous",
+            "cat",
+            "gather",
+            "scatter",
+            "index",
+            "transpose",
+            "permute",
+            "reshape",
+            "view",
+            "expand",
+        ),
+    ),
+)
 
 
 def profile_breakdown(step: Callable[[], Any], steps: int = 3, warmup: int = 1) -> dict[str, Any]:
@@ -600,9 +731,11 @@ def profile_breakdown(step: Callable[[], Any], steps: int = 3, warmup: int = 1) 
         groups[cat] = groups.get(cat, 0.0) + e.self_cpu_time_total / 1e6 / steps
     groups["non-aten: Python, autograd, compiled kernels"] = max(wall - total, 0.0)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
-    return {"step_ms": wall * 1e3,
-            "shares": {k: v / wall for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / steps for e in top}}
+    return {
+        "step_ms": wall * 1e3,
+        "shares": {k: v / wall for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / steps for e in top},
+    }
 
 
 # ---------------------------------------------------------------------------------------- the table
@@ -616,8 +749,14 @@ def default_variants(compile: bool = False, bf16: bool = True) -> dict[str, dict
     return variants
 
 
-def run_all(device: str = "auto", quick: bool = False, compile: bool = False, threads: int | None = None,
-            suites: tuple[str, ...] = (), log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_all(
+    device: str = "auto",
+    quick: bool = False,
+    compile: bool = False,
+    threads: int | None = None,
+    suites: tuple[str, ...] = (),
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Every figure, for ``python -m masking_bench bench``; ``quick`` halves the rounds."""
     if threads:
         torch.set_num_threads(threads)
@@ -628,12 +767,16 @@ def run_all(device: str = "auto", quick: bool = False, compile: bool = False, th
     variants = default_variants(compile, bf16)
     results: dict[str, Any] = {"machine": machine_info(setup.device)}
     m = results["machine"]
-    say(f"ISA {m['isa']}: train.amp auto -> {m['amp_auto']} ({m['amp_auto_why']})"
-        + ("" if bf16 else "; bf16 figures skipped (emulated here)"))
+    say(
+        f"ISA {m['isa']}: train.amp auto -> {m['amp_auto']} ({m['amp_auto_why']})"
+        + ("" if bf16 else "; bf16 figures skipped (emulated here)")
+    )
     say("1/5 training step vs the plain reference MAE step ...")
     results["step"] = step_vs_reference(setup, rounds=r(9), variants=variants)
     say("2/5 achieved FLOP/s vs matmul peak ...")
-    results["flops"] = flops_vs_peak(setup, rounds=r(7), variants=variants, dtypes=("fp32", "bf16") if bf16 else ("fp32",))
+    results["flops"] = flops_vs_peak(
+        setup, rounds=r(7), variants=variants, dtypes=("fp32", "bf16") if bf16 else ("fp32",)
+    )
     say("3/5 mask planning per strategy ...")
     results["plan"] = plan_share(setup, rounds=r(5), fast=FAST_STEP if bf16 else None)
     say("4/5 data pipeline vs model ...")
@@ -667,7 +810,7 @@ def suite_workload(path, dataset: Dataset | None = None) -> dict[str, Any]:
         runs += 1
         ev = spec.eval
 
-        def eval_images(protocols) -> int:
+        def eval_images(protocols, ev=ev) -> int:
             n = min(ev.probe.test_subset or n_test, n_test)
             if "probe" in protocols or "knn" in protocols:
                 n += min(ev.probe.train_subset or n_train, n_train)
@@ -683,8 +826,11 @@ def suite_workload(path, dataset: Dataset | None = None) -> dict[str, Any]:
         key = _plan_label(spec.strategy.name, spec.strategy.params)
         steps[key] = steps.get(key, 0) + per_epoch * t.epochs
         if ev.every:
-            images += sum(eval_images(tuple(ev.every_protocols))
-                          for e in range(t.epochs) if (e + 1) % ev.every == 0 and e + 1 < t.epochs)
+            images += sum(
+                eval_images(tuple(ev.every_protocols))
+                for e in range(t.epochs)
+                if (e + 1) % ev.every == 0 and e + 1 < t.epochs
+            )
     return {"runs": runs, "steps": steps, "eval_images": images}
 
 
@@ -708,7 +854,10 @@ def project_suite(path, results: dict[str, Any], workers: int = 1) -> dict[str, 
         return sum(n * plan.get(k, fallback).get(key, float("nan")) / 1e3 for k, n in work["steps"].items())
 
     ev = results["eval"]
-    eval_s, eval_best = work["eval_images"] / ev["img_per_s"], work["eval_images"] / ev.get("img_per_s_best", ev["img_per_s"])
+    eval_s, eval_best = (
+        work["eval_images"] / ev["img_per_s"],
+        work["eval_images"] / ev.get("img_per_s_best", ev["img_per_s"]),
+    )
     out = {**work, "workers": workers, "train_s": train_seconds("step_ms"), "eval_s": eval_s}
     out["total_min"] = (out["train_s"] + eval_s) / 60 / workers
     out["total_best_min"] = (train_seconds("step_best_ms") + eval_best) / 60 / workers
@@ -726,43 +875,79 @@ def format_table(results: dict[str, Any]) -> str:
 
     if "step" in results:
         s = results["step"]
-        rows.append(("1. training step / plain reference step",
-                     f"{s['ratio']:.2f}x ({s['product_img_per_s']:.0f} vs {s['reference_img_per_s']:.0f} img/s)",
-                     f">= {TARGETS['step_vs_reference']:.2f}x", verdict(s["ratio"] >= TARGETS["step_vs_reference"])))
+        rows.append(
+            (
+                "1. training step / plain reference step",
+                f"{s['ratio']:.2f}x ({s['product_img_per_s']:.0f} vs {s['reference_img_per_s']:.0f} img/s)",
+                f">= {TARGETS['step_vs_reference']:.2f}x",
+                verdict(s["ratio"] >= TARGETS["step_vs_reference"]),
+            )
+        )
         for k in s:
             if k.endswith("_vs_reference") and k != "product_vs_reference":
                 name = k[: -len("_vs_reference")]
-                rows.append((f"   variant '{name}' / reference", f"{s[k]:.2f}x ({s[name + '_img_per_s']:.0f} img/s)",
-                             f">= {TARGETS['step_vs_reference']:.2f}x", verdict(s[k] >= TARGETS["step_vs_reference"])))
+                rows.append(
+                    (
+                        f"   variant '{name}' / reference",
+                        f"{s[k]:.2f}x ({s[name + '_img_per_s']:.0f} img/s)",
+                        f">= {TARGETS['step_vs_reference']:.2f}x",
+                        verdict(s[k] >= TARGETS["step_vs_reference"]),
+                    )
+                )
     if "flops" in results:
         f = results["flops"]
         rows.append(("2. FLOPs per image (fwd + bwd)", f"{f['flops_per_image'] / 1e6:.1f} MFLOP", "", ""))
         for tag in [k[: -len("_fraction")] for k in f if k.endswith("_fraction")]:
             pk = f[tag + "_peak"]
-            rows.append((f"   step {tag}: achieved / {pk} matmul peak",
-                         f"{100 * f[tag + '_fraction']:.0f}% ({f[tag + '_gflops']:.1f} / {f['peak_' + pk + '_gflops']:.0f} GFLOP/s)",
-                         f">= {100 * TARGETS['flops_fraction']:.0f}%", verdict(f[tag + "_fraction"] >= TARGETS["flops_fraction"])))
+            rows.append(
+                (
+                    f"   step {tag}: achieved / {pk} matmul peak",
+                    f"{100 * f[tag + '_fraction']:.0f}% "
+                    f"({f[tag + '_gflops']:.1f} / {f['peak_' + pk + '_gflops']:.0f} GFLOP/s)",
+                    f">= {100 * TARGETS['flops_fraction']:.0f}%",
+                    verdict(f[tag + "_fraction"] >= TARGETS["flops_fraction"]),
+                )
+            )
     if "plan" in results:
         p = results["plan"]
         for label, v in p["strategies"].items():
             fast = f"; {100 * v['share_fast']:.1f}% of the bf16 step" if "share_fast" in v else ""
-            rows.append((f"3. mask planning share: {label}", f"{100 * v['share']:.2f}% ({v['plan_ms']:.1f} ms of "
-                         f"{v['step_ms']:.0f} ms{fast})", f"<= {100 * TARGETS['plan_share']:.0f}%",
-                         verdict(v["share"] <= TARGETS["plan_share"])))
+            rows.append(
+                (
+                    f"3. mask planning share: {label}",
+                    f"{100 * v['share']:.2f}% ({v['plan_ms']:.1f} ms of {v['step_ms']:.0f} ms{fast})",
+                    f"<= {100 * TARGETS['plan_share']:.0f}%",
+                    verdict(v["share"] <= TARGETS["plan_share"]),
+                )
+            )
     if "data" in results:
         d = results["data"]
-        rows.append(("4. data pipeline / model consumption", f"{d['ratio']:.0f}x ({d['loader_batches_per_s']:.0f} vs "
-                     f"{d['model_steps_per_s']:.2f} batches/s)", f">= {TARGETS['data_vs_model']:.0f}x",
-                     verdict(d["ratio"] >= TARGETS["data_vs_model"])))
+        rows.append(
+            (
+                "4. data pipeline / model consumption",
+                f"{d['ratio']:.0f}x ({d['loader_batches_per_s']:.0f} vs {d['model_steps_per_s']:.2f} batches/s)",
+                f">= {TARGETS['data_vs_model']:.0f}x",
+                verdict(d["ratio"] >= TARGETS["data_vs_model"]),
+            )
+        )
     if "eval" in results:
         e = results["eval"]
-        rows.append(("5. eval feature extraction", f"{e['img_per_s']:.0f} img/s ({e['flops_per_image'] / 1e6:.0f} MFLOP/img, "
-                     f"{100 * e['fraction']:.0f}% of fp32 matmul)", "-", ""))
+        rows.append(
+            (
+                "5. eval feature extraction",
+                f"{e['img_per_s']:.0f} img/s ({e['flops_per_image'] / 1e6:.0f} MFLOP/img, "
+                f"{100 * e['fraction']:.0f}% of fp32 matmul)",
+                "-",
+                "",
+            )
+        )
     m = results.get("machine", {})
     workers = max(1, (m.get("cpu_count") or 1) // max(1, m.get("threads") or 1)) if m.get("device") == "cpu" else 1
     for path, proj in results.get("suites", {}).items():
-        line = (f"{proj['total_min']:.1f} min (fastest rounds {proj['total_best_min']:.1f}; train "
-                f"{proj['train_s'] / 60:.1f} + eval {proj['eval_s'] / 60:.1f})")
+        line = (
+            f"{proj['total_min']:.1f} min (fastest rounds {proj['total_best_min']:.1f}; train "
+            f"{proj['train_s'] / 60:.1f} + eval {proj['eval_s'] / 60:.1f})"
+        )
         if math.isfinite(proj["total_fast_train_min"]):
             line += f", with bf16 steps {proj['total_fast_train_min']:.1f}"
         if workers > 1:
@@ -773,15 +958,20 @@ def format_table(results: dict[str, Any]) -> str:
     lines = []
     m = results.get("machine")
     if m:
-        lines.append(f"machine: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), device {m.get('device')}"
-                     + (f" [{m['gpu']}]" if m.get("gpu") else "") + f", torch {m.get('torch')}, "
-                     f"{m.get('threads')} thread(s), load average {m.get('loadavg_1m')} -> {m.get('loadavg_1m_end', '?')}")
-        lines.append(f"ISA {m.get('isa')}: train.amp auto trains in {m.get('amp_auto')} here ({m.get('amp_auto_why')})"
-                     + ("" if m.get("native_bf16", True) else "; bf16 not measured (emulated on this host)"))
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        lines.append(
+            f"machine: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), device {m.get('device')}"
+            + (f" [{m['gpu']}]" if m.get("gpu") else "")
+            + f", torch {m.get('torch')}, "
+            f"{m.get('threads')} thread(s), load average {m.get('loadavg_1m')} -> {m.get('loadavg_1m_end', '?')}"
+        )
+        lines.append(
+            f"ISA {m.get('isa')}: train.amp auto trains in {m.get('amp_auto')} here ({m.get('amp_auto_why')})"
+            + ("" if m.get("native_bf16", True) else "; bf16 not measured (emulated on this host)")
+        )
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     lines.append("  ".join("-" * w for w in widths).rstrip())
     for r_ in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r_, widths)).rstrip())
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r_, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
 

@@ -50,8 +50,11 @@ def _legacy_folders(results: Path, suite: str) -> list[Path]:
         base = Path(results) / area / suite
         if base.is_dir():
             for run_dir in sorted(p for p in base.iterdir() if (p / "config.yaml").is_file()):
-                data = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-                if isinstance(data, dict) and "precision" not in data:
+                try:
+                    data = yaml.safe_load((run_dir / "config.yaml").read_bytes().decode("utf-8")) or {}
+                except (OSError, ValueError, yaml.YAMLError):
+                    continue  # damaged: the store names it when it reads the folder
+                if isinstance(data, dict) and "precision" not in data and "kind" in data:
                     found.append(run_dir)
     return found
 
@@ -109,7 +112,7 @@ def first_difference(record: RunRecord, rerun: RunRecord) -> str | None:
     old_rows, new_rows = _epoch_numbers(record.read_metrics()), _epoch_numbers(rerun.read_metrics())
     if len(old_rows) != len(new_rows):
         return f"{len(new_rows)} epochs vs {len(old_rows)} recorded"
-    for old, new in zip(old_rows, new_rows):
+    for old, new in zip(old_rows, new_rows, strict=True):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 return f"epoch {old.get('epoch')} {key}: {new.get(key)!r} vs {old.get(key)!r} recorded"
@@ -155,14 +158,16 @@ def stamp(record: RunRecord, proof: list[str]) -> None:
             continue
         summary = json.loads(path.read_text())
         previous = summary.get("code")
-        summary["code"] = {"parts": record.code,
-                           "certified": {"by": proof, "at": time.strftime("%Y-%m-%d"),
-                                         "previous": (previous or {}).get("parts")}}
+        summary["code"] = {
+            "parts": record.code,
+            "certified": {"by": proof, "at": time.strftime("%Y-%m-%d"), "previous": (previous or {}).get("parts")},
+        }
         write_json(path, summary)
 
 
-def certify(specs: list[RunSpec], results: Path, cells: int | None = 1, log=print,
-            show_progress: bool = True) -> list[Group]:
+def certify(
+    specs: list[RunSpec], results: Path, cells: int | None = 1, log=print, show_progress: bool = True
+) -> list[Group]:
     """Rerun ``cells`` runs per stale group (None = all) and re-stamp the groups whose reruns match."""
     from .launch import execute_run
 

@@ -20,8 +20,10 @@ def _check_data(suite, launcher: str) -> None:
         # on a login node only check the layout: decoding ImageNet here would take minutes and GBs
         root = Path(suite.data.root or "")
         if not suite.data.root or not (root / "train").is_dir():
-            raise BenchError(f"ImageFolder dataset not found at '{root}': dataset.root must hold train/<class>/ "
-                             "and val/<class>/ folders of images (checked from this host)")
+            raise BenchError(
+                f"ImageFolder dataset not found at '{root}': dataset.root must hold train/<class>/ "
+                "and val/<class>/ folders of images (checked from this host)"
+            )
         return
     from .data import load_dataset
 
@@ -44,33 +46,70 @@ def _cmd_run(args) -> int:
     specs = expand(suite, args.suite, launcher=launcher)
     _warn_legacy(args.results, suite.name)
     _check_data(suite, launcher)
-    print(f"suite '{suite.name}': {len(specs)} runs -> {args.results / 'runs' / suite.name} "
-          f"(launcher: {launcher})", file=sys.stderr)
+    print(
+        f"suite '{suite.name}': {len(specs)} runs -> {args.results / 'runs' / suite.name} (launcher: {launcher})",
+        file=sys.stderr,
+    )
     wait = not args.no_wait
-    outcome = launch_suite(specs, args.results, suite.launcher, launcher, suite.name, wait=wait,
-                           show_progress=not args.no_progress, accept_stale=args.accept_stale)
+    outcome = launch_suite(
+        specs,
+        args.results,
+        suite.launcher,
+        launcher,
+        suite.name,
+        wait=wait,
+        show_progress=not args.no_progress,
+        accept_stale=args.accept_stale,
+    )
     if outcome.submitted or outcome.queued:
         jobs = sorted({job for _, job in outcome.submitted}, key=lambda j: (len(j), j))
         arrays = sorted({j.split("_")[0] for j in jobs}, key=lambda j: (len(j), j))
-        print(f"submitted {len(outcome.submitted)} runs as SLURM job(s) {', '.join(arrays) or '-'}"
-              + (f"; {len(outcome.queued)} already queued or running" if outcome.queued else "")
-              + f"; logs in {outcome.folder}", file=sys.stderr)
+        print(
+            f"submitted {len(outcome.submitted)} runs as SLURM job(s) {', '.join(arrays) or '-'}"
+            + (f"; {len(outcome.queued)} already queued or running" if outcome.queued else "")
+            + f"; logs in {outcome.folder}",
+            file=sys.stderr,
+        )
     if launcher == "slurm" and not wait:
-        print(f"not waiting: follow with 'python -m masking_bench status {args.suite}"
-              + (f" --results {args.results}" if args.results != DEFAULT_RESULTS else "") + "'", file=sys.stderr)
+        print(
+            f"not waiting: follow with 'python -m masking_bench status {args.suite}"
+            + (f" --results {args.results}" if args.results != DEFAULT_RESULTS else "")
+            + "'",
+            file=sys.stderr,
+        )
         return 0
     busy = f", left to another process {len(outcome.busy)}" if outcome.busy else ""
-    print(f"done {len(outcome.done)}, already finished {len(outcome.skipped)}{busy}, failed {len(outcome.failed)} "
-          f"in {outcome.seconds:.1f} s", file=sys.stderr)
+    print(
+        f"done {len(outcome.done)}, already finished {len(outcome.skipped)}{busy}, failed {len(outcome.failed)} "
+        f"in {outcome.seconds:.1f} s",
+        file=sys.stderr,
+    )
     for run, reason in outcome.failed:
         print(f"failed: {run}: {reason}", file=sys.stderr)
     if not outcome.failed:
-        from .report import write_report
-
         # this suite's report beside its runs; the committed top-level files are `report`'s job
-        path = write_report(args.results, suite=suite.name, out_dir=args.results / "suites" / suite.name)
+        out = args.results / "suites" / suite.name
+        try:
+            path = _write_report(args.results, suite.name, out)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         print(f"leaderboard: {path}", file=sys.stderr)
     return 1 if outcome.failed else 0
+
+
+def _write_report(results: Path, suite: str | None, out: Path | None) -> Path:
+    """write_report, with a failed write (full disk, permissions) as one line that says nothing is lost."""
+    from .report import write_report
+
+    try:
+        return write_report(results, suite=suite, out_dir=out)
+    except OSError as exc:
+        where = exc.filename or out or results
+        raise BenchError(
+            f"could not write the report at {where} ({exc.strerror or exc}); every finished run is "
+            "kept: free the space and run `python -m masking_bench report` again"
+        ) from None
 
 
 def _warn_legacy(results: Path, suite: str) -> None:
@@ -78,8 +117,11 @@ def _warn_legacy(results: Path, suite: str) -> None:
 
     n = legacy_count(results, suite)
     if n:
-        print(f"note: {n} record(s) of suite '{suite}' were written by an older schema and are not matched to "
-              f"runs; `python -m masking_bench certify SUITE.yaml` converts them", file=sys.stderr)
+        print(
+            f"note: {n} record(s) of suite '{suite}' were written by an older schema and are not matched to "
+            f"runs; `python -m masking_bench certify SUITE.yaml` converts them",
+            file=sys.stderr,
+        )
 
 
 def _cmd_status(args) -> int:
@@ -103,16 +145,19 @@ def _cmd_certify(args) -> int:
     for line in upgrade_legacy(args.results, suite.name):
         print(f"converted {line}", file=sys.stderr)
     specs = expand(suite, args.suite)
-    groups = certify(specs, args.results, cells, log=lambda m: print(m, file=sys.stderr, flush=True),
-                     show_progress=not args.no_progress)
+    groups = certify(
+        specs,
+        args.results,
+        cells,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        show_progress=not args.no_progress,
+    )
     print(format_outcome(groups))
     return 0 if all(g.certified for g in groups) else 1
 
 
 def _cmd_report(args) -> int:
-    from .report import write_report
-
-    path = write_report(args.results, suite=args.suite, out_dir=args.out)
+    path = _write_report(args.results, args.suite, args.out)
     print(path.read_text(), end="")
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -126,8 +171,9 @@ def _cmd_list(args) -> int:
     for name, cls in available().items():
         kind = "interpretation" if cls.interpretation else "faithful"
         params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "-"
-        print(f"{name:14s} {kind:14s} {cls.one_line()}\n{'':29s} source: {cls.source or '-'}\n"
-              f"{'':29s} params: {params}")
+        print(
+            f"{name:14s} {kind:14s} {cls.one_line()}\n{'':29s} source: {cls.source or '-'}\n{'':29s} params: {params}"
+        )
     suites = sorted(Path("suites").glob("*.yaml"))
     if suites:
         print("suites: " + ", ".join(str(p) for p in suites))
@@ -135,14 +181,25 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_masks(args) -> int:
-    from .gallery import AFTER_WARMUP, dump, parse_params, plan_masks, render
+    from .gallery import AFTER_WARMUP, check_request, dump, parse_params, plan_masks, render
     from .masking import load_plugin
 
+    epoch = AFTER_WARMUP if args.epoch is None else args.epoch
+    check_request(args.ratio, args.n, args.seed, epoch)  # before plugins, data or models are loaded
+    params = parse_params(args.param)
     for plugin in args.plugin:
         load_plugin(plugin)
-    masks = plan_masks(args.strategy, args.ratio, seed=args.seed, n=args.n, params=parse_params(args.param),
-                       checkpoint=args.checkpoint, method=args.method, preset=args.model,
-                       epoch=AFTER_WARMUP if args.epoch is None else args.epoch)
+    masks = plan_masks(
+        args.strategy,
+        args.ratio,
+        seed=args.seed,
+        n=args.n,
+        params=params,
+        checkpoint=args.checkpoint,
+        method=args.method,
+        preset=args.model,
+        epoch=epoch,
+    )
     if args.dump:
         print(f"wrote {dump(masks, args.dump)}", file=sys.stderr)
     if args.out or not args.dump:
@@ -158,9 +215,17 @@ def _cmd_bench(args) -> int:
 
     from .bench import format_table, run_all
 
-    suites = [] if args.no_projection else [p for p in ("suites/smoke.yaml", "suites/ratio_sweep.yaml") if Path(p).is_file()]
-    results = run_all(args.device, quick=args.quick, compile=args.compile, threads=args.threads, suites=tuple(suites),
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    suites = (
+        [] if args.no_projection else [p for p in ("suites/smoke.yaml", "suites/ratio_sweep.yaml") if Path(p).is_file()]
+    )
+    results = run_all(
+        args.device,
+        quick=args.quick,
+        compile=args.compile,
+        threads=args.threads,
+        suites=tuple(suites),
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -169,8 +234,9 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m masking_bench",
-                                     description="Benchmark masking strategies for MIM pre-training of ViTs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m masking_bench", description="Benchmark masking strategies for MIM pre-training of ViTs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite (skips finished runs, resumes partial ones)")
@@ -178,16 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE", help="strategy file to load")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--launcher", choices=("local", "debug", "slurm"), default=None,
-                     help="where runs execute (default: the suite's launcher.kind, else local)")
-    run.add_argument("--no-wait", action="store_true",
-                     help="slurm: return right after submission (follow with `status`)")
-    run.add_argument("--accept-stale", action="store_true",
-                     help="count runs finished by older code as done (the report marks them [STALE])")
+    run.add_argument(
+        "--launcher",
+        choices=("local", "debug", "slurm"),
+        default=None,
+        help="where runs execute (default: the suite's launcher.kind, else local)",
+    )
+    run.add_argument(
+        "--no-wait", action="store_true", help="slurm: return right after submission (follow with `status`)"
+    )
+    run.add_argument(
+        "--accept-stale",
+        action="store_true",
+        help="count runs finished by older code as done (the report marks them [STALE])",
+    )
     run.set_defaults(func=_cmd_run)
 
-    cer = sub.add_parser("certify", help="rerun a few stale runs; if bit-identical, re-stamp the suite's stale "
-                                         "records with the current code")
+    cer = sub.add_parser(
+        "certify",
+        help="rerun a few stale runs; if bit-identical, re-stamp the suite's stale records with the current code",
+    )
     cer.add_argument("suite", type=Path, help="suite YAML")
     cer.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
     cer.add_argument("--cells", default="1", help="reruns per (strategy, changed code) group, or 'all' (default 1)")
@@ -208,13 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     msk = sub.add_parser("masks", help="render / dump a strategy's masks on Fashion-MNIST test images")
     msk.add_argument("strategy")
-    msk.add_argument("--ratio", type=float, default=0.75)
-    msk.add_argument("--seed", type=int, default=0)
-    msk.add_argument("--n", type=int, default=8, help="the first N test images")
+    msk.add_argument("--ratio", type=float, default=0.75, help="masking ratio in (0, 1) (default 0.75)")
+    msk.add_argument("--seed", type=int, default=0, help="seed of the masks and of a fresh model (default 0)")
+    msk.add_argument("--n", type=int, default=8, help="the first N test images, N in 1..64 (default 8)")
     msk.add_argument("--checkpoint", default=None, help="a run's checkpoint.pt (else a seeded fresh model)")
     msk.add_argument("--method", choices=("mae", "simmim"), default="mae")
     msk.add_argument("--model", default="cpu-tiny", help="model preset when no checkpoint is given")
-    msk.add_argument("--epoch", type=int, default=None, help="planning epoch (default: after any warm-up)")
+    msk.add_argument("--epoch", type=int, default=None, help="planning epoch >= 0 (default: after any warm-up)")
     msk.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
     msk.add_argument("--plugin", action="append", default=[], metavar="FILE")
     msk.add_argument("--out", type=Path, default=None, help="PNG gallery path")
@@ -244,6 +320,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished runs and epochs are kept; run the same command again to resume",
-              file=sys.stderr)
+        print("interrupted: finished runs and epochs are kept; run the same command again to resume", file=sys.stderr)
         return 130

@@ -11,11 +11,22 @@ import copy
 import hashlib
 import itertools
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import BenchError
 
@@ -23,14 +34,122 @@ from .errors import BenchError
 SCHEMA_VERSION = 2
 
 
+# ------------------------------------------------------------------------------ value types
+
+# A suite's name is a folder name (results/runs/<name>/, results/records/<name>/): one path component
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+SAFE_NAME_RULE = "1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
+# Seeds feed torch generators, which take values below 2**64. The largest derived seed is
+# train.mask_seed(seed, epoch, step) ≈ seed * 7.9e14 (+ epoch * 1e5 + step), so seed <= 23_293 fits;
+# 20_000 leaves room for any epoch/step count (tests/test_config.py checks it against mask_seed).
+MAX_SEED = 20_000
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# free-form mappings (strategy params, model overrides, sbatch options, grid values) stay plain data
+_PLAIN_MAX_NODES = 10_000
+_PLAIN_MAX_DEPTH = 20
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean (true/false)")
+    return value
+
+
+def _seed(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"a seed must be a whole number from 0 to {MAX_SEED}")
+    return value
+
+
+_RATIO_RULE = "a masking ratio must be a number strictly between 0 and 1 (0 hides nothing, 1 hides every token)"
+
+
+def _ratio_not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(_RATIO_RULE)
+    return value
+
+
+def _ratio(value: float) -> float:
+    if not 0.0 < value < 1.0:  # also false for NaN
+        raise ValueError(_RATIO_RULE)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if it is plain YAML data: str, int, finite float, bool, None, lists, mappings with string keys."""
+    count = 0
+
+    def check(node: Any, where: str, depth: int, open_ids: frozenset) -> None:
+        nonlocal count
+        count += 1
+        if count > _PLAIN_MAX_NODES or depth > _PLAIN_MAX_DEPTH:
+            raise ValueError(
+                f"too large or too deeply nested (at most {_PLAIN_MAX_NODES} values, {_PLAIN_MAX_DEPTH} levels)"
+            )
+        if node is None or isinstance(node, (str, bool, int)):
+            return
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                raise ValueError(f"{where or 'value'} is {node}: only finite numbers are accepted")
+            return
+        if isinstance(node, (list, tuple, dict)):
+            if id(node) in open_ids:
+                raise ValueError(f"{where or 'value'} contains itself (a YAML alias loop)")
+            inner = open_ids | {id(node)}
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, item in items:
+                if isinstance(node, dict) and not isinstance(key, str):
+                    raise ValueError(f"key {key!r} is not a string: mapping keys must be text")
+                check(item, f"{where}.{key}" if where else str(key), depth + 1, inner)
+            return
+        raise ValueError(
+            f"{where or 'value'} is a {type(node).__name__}: accepted are numbers, text, true/false, "
+            "null, lists and mappings"
+        )
+
+    check(value, "", 0, frozenset())
+    return value
+
+
+def _path_text(value: str | None) -> str | None:
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("a path must not contain control characters (NUL, newline, tab, ...)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]  # finite: every model sets allow_inf_nan=False
+Ratio = Annotated[float, Field(allow_inf_nan=True), BeforeValidator(_ratio_not_bool), AfterValidator(_ratio)]
+Seed = Annotated[int, BeforeValidator(_seed)]
+Plain = Annotated[dict[str, Any], AfterValidator(_plain)]
+PathText = Annotated[str, AfterValidator(_path_text)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StrategyRef(_Strict):
     name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: Plain = Field(default_factory=dict)
     label: str | None = None  # display name; defaults to ``name``
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_file_name(cls, value):
+        # labels name rows and plot legends, and may name per-strategy files: one safe path component
+        if value is not None and (
+            not 1 <= len(value) <= 100
+            or value[0] in ". "
+            or value[-1] == " "
+            or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in value)
+        ):
+            raise ValueError(
+                "a strategy label must be 1-100 characters without '/', '\\' or control characters, "
+                "not starting with '.' or a space, not ending with a space"
+            )
+        return value
 
     @property
     def display(self) -> str:
@@ -39,76 +158,103 @@ class StrategyRef(_Strict):
 
 class ModelConfig(_Strict):
     preset: str = "cpu-tiny"
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: Plain = Field(default_factory=dict)  # checked against the model's fields in expand()
 
 
 class DataConfig(_Strict):
     name: Literal["fashion_mnist", "imagefolder", "cifar10", "synthetic"] = "fashion_mnist"
-    root: str | None = None  # overrides $MASKING_BENCH_DATA_DIR and the built-in default
-    train_subset: int | None = Field(None, gt=0)  # pre-train on a fixed seeded subset
-    image_size: int | None = Field(None, gt=0)
+    root: PathText | None = None  # overrides $MASKING_BENCH_DATA_DIR and the built-in default
+    train_subset: Int | None = Field(None, gt=0)  # pre-train on a fixed seeded subset
+    image_size: Int | None = Field(None, gt=0)
 
 
 class AugmentConfig(_Strict):
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[Float, Float] = (0.2, 1.0)  # crop area as a fraction of the image
+    ratio: tuple[Float, Float] = (3 / 4, 4 / 3)  # crop aspect ratio (sampled log-uniformly)
     flip: bool = True
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value):
+        low, high = value
+        if not (0 < low <= 1 and 0 < high <= 1):
+            raise ValueError("crop scale values are fractions of the image area, each in (0, 1]")
+        if low > high:
+            raise ValueError("crop scale is [low, high] with low <= high")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value):
+        low, high = value
+        if not (low > 0 and high > 0):
+            raise ValueError("crop aspect ratios must be > 0")
+        if low > high:
+            raise ValueError("crop aspect ratio is [low, high] with 0 < low <= high")
+        return value
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=0)
-    batch_size: int = Field(256, gt=0)
-    base_lr: float = Field(1.5e-3, gt=0)  # learning rate per 256 images (scaled linearly with batch)
-    min_lr: float = Field(0.0, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = Field(3.0, gt=0)
+    epochs: Int = Field(10, ge=0)
+    batch_size: Int = Field(256, gt=0)
+    base_lr: Float = Field(1.5e-3, gt=0)  # learning rate per 256 images (scaled linearly with batch)
+    min_lr: Float = Field(0.0, ge=0)
+    warmup_epochs: Float = Field(1.0, ge=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.95)
+    clip_grad: Float | None = Field(3.0, gt=0)
     # auto: bf16 where the hardware runs it natively, else fp32 (masking_bench/precision.py); the
     # precision actually used is part of the run identity, this field as written is not
     amp: Literal["auto", "none", "bf16"] = "auto"
     norm_pix_loss: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, value):
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("AdamW betas must each be in [0, 1)")
+        return value
+
 
 class ProbeConfig(_Strict):
     # lr 1e-2 / 100 epochs: chosen on a held-out part of the *train* split (10k probe-train images vs
     # 4k others; one trained checkpoint and one untrained encoder), where 1e-3 / 30 epochs underfit by
     # ~7 points. Never on the test split. See README "Evaluation recipe".
-    epochs: int = Field(100, gt=0)
-    batch_size: int = Field(256, gt=0)
-    lr: float = Field(1e-2, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    train_subset: int | None = Field(None, gt=0)
-    test_subset: int | None = Field(None, gt=0)
+    epochs: Int = Field(100, gt=0)
+    batch_size: Int = Field(256, gt=0)
+    lr: Float = Field(1e-2, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    train_subset: Int | None = Field(None, gt=0)
+    test_subset: Int | None = Field(None, gt=0)
 
 
 class KnnConfig(_Strict):
-    k: int = Field(20, gt=0)
-    temperature: float = Field(0.07, gt=0)
+    k: Int = Field(20, gt=0)
+    temperature: Float = Field(0.07, gt=0)
 
 
 class LowShotConfig(_Strict):
     """Linear probe and kNN with few labels per class, averaged over fixed label draws (same for every run)."""
 
-    shots: list[int] = Field(default_factory=lambda: [10, 100])
-    draws: int = Field(5, ge=1)
-    probe_steps: int = Field(300, gt=0)  # AdamW steps of the head, batch min(256, n)
+    shots: list[Annotated[Int, Field(gt=0)]] = Field(default_factory=lambda: [10, 100], min_length=1)
+    draws: Int = Field(5, ge=1)
+    probe_steps: Int = Field(300, gt=0)  # AdamW steps of the head, batch min(256, n)
 
 
 class FinetuneConfig(_Strict):
     """End-to-end fine-tuning: layer-wise lr decay, drop path, label smoothing (MAE protocol, spec §7.1)."""
 
     enabled: bool = False
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(256, gt=0)
-    base_lr: float = Field(1e-3, gt=0)  # per 256 images
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    drop_path: float = Field(0.1, ge=0, lt=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(0.5, ge=0)
-    train_subset: int | None = Field(None, gt=0)
+    epochs: Int = Field(3, gt=0)
+    batch_size: Int = Field(256, gt=0)
+    base_lr: Float = Field(1e-3, gt=0)  # per 256 images
+    layer_decay: Float = Field(0.75, gt=0, le=1)
+    drop_path: Float = Field(0.1, ge=0, lt=1)
+    label_smoothing: Float = Field(0.1, ge=0, lt=1)
+    weight_decay: Float = Field(0.05, ge=0)
+    warmup_epochs: Float = Field(0.5, ge=0)
+    train_subset: Int | None = Field(None, gt=0)
     augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(scale=(0.5, 1.0)))
 
 
@@ -118,8 +264,8 @@ class EvalConfig(_Strict):
     knn: KnnConfig = Field(default_factory=KnnConfig)
     low_shot: LowShotConfig | None = None
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    every: int | None = Field(None, gt=0)  # also evaluate after every k-th epoch (convergence curves)
-    every_protocols: list[Literal["probe", "knn", "low_shot"]] = Field(default_factory=lambda: ["knn"])
+    every: Int | None = Field(None, gt=0)  # also evaluate after every k-th epoch (convergence curves)
+    every_protocols: list[Literal["probe", "knn", "low_shot"]] = Field(default_factory=lambda: ["knn"], min_length=1)
     random_init: bool = True  # also evaluate an untrained encoder: the floor every strategy must beat
 
 
@@ -128,15 +274,15 @@ class LauncherConfig(_Strict):
 
     kind: Literal["local", "debug", "slurm"] = "local"
     partition: str | None = None
-    gpus_per_node: int = Field(0, ge=0)
-    tasks_per_node: int = Field(1, ge=1)  # >1: DDP with one process per task
-    cpus_per_task: int = Field(2, ge=1)
-    mem_gb: float = Field(8, gt=0)
-    timeout_min: int = Field(60, gt=0)
-    array_parallelism: int = Field(16, ge=1)
-    max_array_size: int = Field(500, ge=1)
-    additional_parameters: dict[str, Any] = Field(default_factory=dict)  # extra sbatch options
-    folder: str | None = None  # submitit logs; default <results>/submitit/<suite>
+    gpus_per_node: Int = Field(0, ge=0)
+    tasks_per_node: Int = Field(1, ge=1)  # >1: DDP with one process per task
+    cpus_per_task: Int = Field(2, ge=1)
+    mem_gb: Float = Field(8, gt=0)
+    timeout_min: Int = Field(60, gt=0)
+    array_parallelism: Int = Field(16, ge=1)
+    max_array_size: Int = Field(500, ge=1)
+    additional_parameters: Plain = Field(default_factory=dict)  # extra sbatch options
+    folder: PathText | None = None  # submitit logs; default <results>/submitit/<suite>
 
 
 class Suite(_Strict):
@@ -146,14 +292,29 @@ class Suite(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     strategies: list[StrategyRef] = Field(min_length=1)
-    ratios: list[float] = Field(min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    ratios: list[Ratio] = Field(min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)  # extra axes: dotted field -> values
-    plugins: list[str] = Field(default_factory=list)  # strategy files loaded by path
+    # extra axes: dotted field -> values (each a non-empty list of plain values)
+    grid: dict[str, Annotated[list[Any], Field(min_length=1), AfterValidator(_plain)]] = Field(default_factory=dict)
+    plugins: list[PathText] = Field(default_factory=list)  # strategy files loaded by path
     device: str = "auto"
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value):
+        if not SAFE_NAME.fullmatch(value):
+            raise ValueError(f"the suite name names its results folder: use {SAFE_NAME_RULE}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value):
+        if not DEVICE.fullmatch(value):
+            raise ValueError("accepted devices are auto, cpu, cuda and cuda:<index>")
+        return value
 
     @field_validator("strategies", mode="before")
     @classmethod
@@ -166,14 +327,6 @@ class Suite(_Strict):
     @classmethod
     def _model_shorthand(cls, value):
         return {"preset": value} if isinstance(value, str) else value
-
-    @field_validator("ratios")
-    @classmethod
-    def _ratios_in_range(cls, value):
-        for r in value:
-            if not 0.0 <= r < 1.0:
-                raise ValueError(f"masking ratio {r} is outside [0, 1)")
-        return value
 
     @model_validator(mode="after")
     def _unique_labels(self):
@@ -231,34 +384,66 @@ class RunSpec(BaseModel):
 # ---------------------------------------------------------------------------------- loading
 
 
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_validation(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = _shorten(".".join(str(p) for p in first["loc"]) or "(top level)")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     elif first["type"] == "missing":
         msg = "required field is missing"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     extra = f" ({len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
     got = first.get("input")
-    shown = "" if first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f", got {got!r}"
-    return f"{source}: field '{loc}': {msg}{shown}{extra}"
+    hidden = first["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+    shown = "" if hidden else f", got {_shorten(repr(got))}"
+    return f"{source}: field '{loc}': {_shorten(msg, 300)}{shown}{extra}"
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file; every problem becomes a one-line :class:`BenchError`."""
+    """Read and validate a suite file; every problem becomes a one-line :class:`BenchError`.
+
+    A suite without a ``name`` is named after its file; a file name that is not a safe folder name
+    (e.g. ``my suite.yaml``) is refused with a request to set ``name:``, never silently rewritten.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise BenchError(f"suite path '{path}' is a folder: give one suite file (suites/*.yaml)")
     if not path.is_file():
-        raise BenchError(f"suite file '{path}' does not exist (suites live in suites/*.yaml)")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise BenchError(f"suite file '{path}' {what} (suites live in suites/*.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BenchError(f"{path}: cannot read the suite file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BenchError(
+            f"{path}: not a UTF-8 text file (undecodable byte at offset {exc.start}); a suite is a YAML text file"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise BenchError(f"{path}: malformed YAML{where}: {problem}") from None
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
+        raise BenchError(f"{path}: malformed YAML{where}: {_shorten(problem, 200)}") from None
+    except RecursionError:
+        raise BenchError(f"{path}: malformed YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise BenchError(f"{path}: a suite must be a YAML mapping with at least 'strategies' and 'ratios'")
+    if "name" not in raw and not SAFE_NAME.fullmatch(path.stem):
+        hint = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).lstrip("_.-")[:100] or "my_suite"
+        raise BenchError(
+            f"{path}: the file name '{path.stem}' cannot name the suite's results folder; add a line "
+            f"'name: {hint}' to the suite ({SAFE_NAME_RULE})"
+        )
     raw.setdefault("name", path.stem)
     return parse_suite(raw, str(path), base_dir=path.parent)
 
@@ -304,6 +489,41 @@ def resolve_strategy(ref: StrategyRef, plugins: list[str]) -> StrategyRef:
     return ref.model_copy(update={"params": {**copy.deepcopy(cls.defaults), **ref.params}})
 
 
+# grid axes refused: the first are axes already; the others are not part of any run's identity
+_LISTED_AXES = ("strategies", "ratios", "seeds")
+_NON_IDENTITY_AXES = ("name", "description", "device", "plugins", "launcher", "grid")
+
+
+def _check_grid_axes(suite: Suite, source: str) -> None:
+    for dotted in suite.grid:
+        root = dotted.split(".")[0]
+        if root in _LISTED_AXES:
+            raise BenchError(f"{source}: grid axis '{dotted}' is already an axis; list it in the suite instead")
+        if root in _NON_IDENTITY_AXES:
+            raise BenchError(
+                f"{source}: grid axis '{dotted}' does not change what a run computes; set it once in "
+                "the suite (grid axes are fields of method, model, data, train or eval)"
+            )
+
+
+def _check_model(model: ModelConfig, source: str) -> None:
+    """The preset exists and every override names a model field (else the run would fail when it starts)."""
+    import inspect
+
+    from .models import PRESETS, MIMViT
+
+    if model.preset not in PRESETS:
+        raise BenchError(f"{source}: unknown model preset '{model.preset}': accepted are {', '.join(PRESETS)}")
+    set_by_run = {"self", "img_size", "in_chans", "method", "norm_pix_loss"}
+    fields = [p for p in inspect.signature(MIMViT.__init__).parameters if p not in set_by_run]
+    unknown = sorted(set(model.overrides) - set(fields))
+    if unknown:
+        raise BenchError(
+            f"{source}: field 'model.overrides': unknown model field '{_shorten(unknown[0])}': "
+            f"accepted are {', '.join(fields)}"
+        )
+
+
 def expand(suite: Suite, source: str = "suite", launcher: str | None = None, hardware=None) -> list[RunSpec]:
     """Every run of the suite: (grid axes) × strategies × ratios × seeds, plus the random-init floors.
 
@@ -318,30 +538,40 @@ def expand(suite: Suite, source: str = "suite", launcher: str | None = None, har
     axes = list(suite.grid.items())
     runs: list[RunSpec] = []
     seen: set[str] = set()
+    _check_grid_axes(suite, source)
     resolved = {s.display: resolve_strategy(s, suite.plugins) for s in suite.strategies}
     for combo in itertools.product(*[values for _, values in axes]) if axes else [()]:
         tree = copy.deepcopy(base)
-        for (dotted, _), value in zip(axes, combo):
-            if dotted.split(".")[0] in ("strategies", "ratios", "seeds", "grid", "name"):
-                raise BenchError(f"{source}: grid axis '{dotted}' is already an axis; list it in the suite instead")
+        for (dotted, _), value in zip(axes, combo, strict=True):
             _set_dotted(tree, dotted, value, source)
         try:
             variant = Suite.model_validate(tree)
         except ValidationError as err:
             raise BenchError(_format_validation(err, source)) from None
-        common = dict(suite=suite.name, method=variant.method, model=variant.model, data=variant.data,
-                      train=variant.train, eval=variant.eval, plugins=suite.plugins, device=suite.device)
+        _check_model(variant.model, source)
+        common = dict(
+            suite=suite.name,
+            method=variant.method,
+            model=variant.model,
+            data=variant.data,
+            train=variant.train,
+            eval=variant.eval,
+            plugins=suite.plugins,
+            device=suite.device,
+        )
         used = precision.resolve(variant.train.amp, device_type, hardware)
         candidates = []
         if variant.eval.random_init:
             floor = StrategyRef(name="random_init")
-            candidates += [RunSpec(kind="random_init", strategy=floor, ratio=None, seed=s, **common)
-                           for s in variant.seeds]
+            candidates += [
+                RunSpec(kind="random_init", strategy=floor, ratio=None, seed=s, **common) for s in variant.seeds
+            ]
         for strat in variant.strategies:
             ref = resolved.get(strat.display) or resolve_strategy(strat, suite.plugins)
             for ratio in variant.ratios:
-                candidates += [RunSpec(strategy=ref, ratio=ratio, seed=s, precision=used, **common)
-                               for s in variant.seeds]
+                candidates += [
+                    RunSpec(strategy=ref, ratio=ratio, seed=s, precision=used, **common) for s in variant.seeds
+                ]
         for spec in candidates:
             if spec.run_hash not in seen:
                 seen.add(spec.run_hash)

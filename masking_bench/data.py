@@ -34,7 +34,7 @@ class Split:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def subset(self, n: int | None, seed: int = 0) -> "Split":
+    def subset(self, n: int | None, seed: int = 0) -> Split:
         """A fixed, seeded, class-agnostic subset of ``n`` images (all of them when n is None)."""
         if n is None or n >= len(self):
             return self
@@ -162,8 +162,9 @@ def load_imagefolder(root: str | None, image_size: int) -> Dataset:
     return _with_stats("imagefolder", train, read(test_dir, classes), num_classes=len(classes))
 
 
-def make_synthetic(n_train: int = 512, n_test: int = 256, size: int = 28, channels: int = 1,
-                   num_classes: int = 4, seed: int = 0) -> Dataset:
+def make_synthetic(
+    n_train: int = 512, n_test: int = 256, size: int = 28, channels: int = 1, num_classes: int = 4, seed: int = 0
+) -> Dataset:
     """A generated, learnable dataset: each class is an oriented stripe pattern plus noise and a blob."""
     g = torch.Generator().manual_seed(seed)
 
@@ -173,7 +174,7 @@ def make_synthetic(n_train: int = 512, n_test: int = 256, size: int = 28, channe
         angle = labels.float()[:, None, None] * (torch.pi / num_classes)
         phase = torch.rand(n, 1, 1, generator=g) * 6.28
         stripes = torch.sin((xx * torch.cos(angle) + yy * torch.sin(angle)) * 0.8 + phase)
-        cy, cx = (torch.rand(2, n, 1, 1, generator=g) * size)
+        cy, cx = torch.rand(2, n, 1, 1, generator=g) * size
         blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 6) ** 2))
         img = 0.5 + 0.3 * stripes + 0.3 * blob + 0.05 * torch.randn(n, size, size, generator=g)
         img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -248,9 +249,19 @@ class TensorLoader:
     identical per-step cost and exact resume).
     """
 
-    def __init__(self, split: Split, batch_size: int, mean, std, device: torch.device | str = "cpu",
-                 seed: int = 0, augment: Augment | None = None, shuffle: bool = True,
-                 drop_last: bool = True, max_device_bytes: int = 2 << 30):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        mean,
+        std,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        augment: Augment | None = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        max_device_bytes: int = 2 << 30,
+    ):
         self.device = torch.device(device)
         # small sets live on the device; big ones (ImageNet-scale) stay in host memory, batch by batch
         self.storage = self.device if split.images.nbytes <= max_device_bytes else torch.device("cpu")

@@ -21,8 +21,9 @@ from .errors import BenchError
 
 
 @torch.inference_mode()
-def extract_features(model, split: Split, mean, std, pool: str = "mean", batch_size: int = 1024,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def extract_features(
+    model, split: Split, mean, std, pool: str = "mean", batch_size: int = 1024, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(N, D) float32 features of the encoder for every image of ``split`` (no augmentation)."""
     was_training = model.training
     model.eval()
@@ -38,15 +39,25 @@ def extract_features(model, split: Split, mean, std, pool: str = "mean", batch_s
     return torch.cat(feats)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, epochs: int = 100, batch_size: int = 256, lr: float = 1e-2,
-                 weight_decay: float = 0.0, seed: int = 0) -> float:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-2,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> float:
     """Top-1 (%) of BatchNorm(affine=False) + Linear trained on cached features (cosine lr, AdamW)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
-                             nn.Linear(train_x.shape[1], num_classes))
+        head = nn.Sequential(
+            nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6), nn.Linear(train_x.shape[1], num_classes)
+        )
         nn.init.trunc_normal_(head[1].weight, std=0.01)
         nn.init.zeros_(head[1].bias)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -69,8 +80,16 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return 100.0 * (pred == test_y).float().mean().item()
 
 
-def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-             num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+def knn_top1(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
     """Weighted kNN top-1 (%) with cosine similarity."""
     train_n = F.normalize(train_x, dim=1)
     test_n = F.normalize(test_x, dim=1)
@@ -92,14 +111,22 @@ def low_shot_indices(labels: torch.Tensor, shots: int, draw: int, num_classes: i
     for c in range(num_classes):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < shots:
-            raise BenchError(f"eval.low_shot: class {c} has {len(idx)} training images, fewer than the "
-                             f"{shots} shots asked for; lower eval.low_shot.shots")
+            raise BenchError(
+                f"eval.low_shot: class {c} has {len(idx)} training images, fewer than the "
+                f"{shots} shots asked for; lower eval.low_shot.shots"
+            )
         picks.append(idx[torch.randperm(len(idx), generator=gen)[:shots]])
     return torch.cat(picks).sort().values
 
 
-def evaluate_encoder(model, dataset: Dataset, cfg: EvalConfig, seed: int, device,
-                     protocols: tuple[str, ...] = ("probe", "knn", "low_shot")) -> dict[str, float]:
+def evaluate_encoder(
+    model,
+    dataset: Dataset,
+    cfg: EvalConfig,
+    seed: int,
+    device,
+    protocols: tuple[str, ...] = ("probe", "knn", "low_shot"),
+) -> dict[str, float]:
     """The suite's locked recipe on one encoder -> ``<protocol>_top1`` values and their cost.
 
     probe / knn: on ``probe.train_subset`` of the train split; low_shot (when configured):
@@ -108,19 +135,32 @@ def evaluate_encoder(model, dataset: Dataset, cfg: EvalConfig, seed: int, device
     """
     start = time.perf_counter()
     test = dataset.test.subset(cfg.probe.test_subset, seed=54321)
-    feats = lambda split: extract_features(model, split, dataset.mean, dataset.std, cfg.pool, device=device)  # noqa: E731
+
+    def feats(split):
+        return extract_features(model, split, dataset.mean, dataset.std, cfg.pool, device=device)
+
     fte = feats(test)
     out: dict[str, float | list] = {}
     if "probe" in protocols or "knn" in protocols:
         train = dataset.train.subset(cfg.probe.train_subset, seed=12345)
         ftr = feats(train)
         if "probe" in protocols:
-            out["probe_top1"] = linear_probe(ftr, train.labels, fte, test.labels, dataset.num_classes,
-                                             cfg.probe.epochs, cfg.probe.batch_size, cfg.probe.lr,
-                                             cfg.probe.weight_decay, seed=seed)
+            out["probe_top1"] = linear_probe(
+                ftr,
+                train.labels,
+                fte,
+                test.labels,
+                dataset.num_classes,
+                cfg.probe.epochs,
+                cfg.probe.batch_size,
+                cfg.probe.lr,
+                cfg.probe.weight_decay,
+                seed=seed,
+            )
         if "knn" in protocols:
-            out["knn_top1"] = knn_top1(ftr, train.labels, fte, test.labels, dataset.num_classes,
-                                       cfg.knn.k, cfg.knn.temperature)
+            out["knn_top1"] = knn_top1(
+                ftr, train.labels, fte, test.labels, dataset.num_classes, cfg.knn.k, cfg.knn.temperature
+            )
         out["eval_train_images"] = len(train)
     if "low_shot" in protocols and cfg.low_shot is not None:
         ls = cfg.low_shot
@@ -132,10 +172,31 @@ def evaluate_encoder(model, dataset: Dataset, cfg: EvalConfig, seed: int, device
                 fsub = feats(sub)
                 batch = min(256, len(sub))
                 epochs = max(1, -(-ls.probe_steps // max(1, len(sub) // batch)))
-                probes.append(linear_probe(fsub, sub.labels, fte, test.labels, dataset.num_classes, epochs,
-                                           batch, cfg.probe.lr, cfg.probe.weight_decay, seed=seed + draw))
-                knns.append(knn_top1(fsub, sub.labels, fte, test.labels, dataset.num_classes,
-                                     min(cfg.knn.k, len(sub)), cfg.knn.temperature))
+                probes.append(
+                    linear_probe(
+                        fsub,
+                        sub.labels,
+                        fte,
+                        test.labels,
+                        dataset.num_classes,
+                        epochs,
+                        batch,
+                        cfg.probe.lr,
+                        cfg.probe.weight_decay,
+                        seed=seed + draw,
+                    )
+                )
+                knns.append(
+                    knn_top1(
+                        fsub,
+                        sub.labels,
+                        fte,
+                        test.labels,
+                        dataset.num_classes,
+                        min(cfg.knn.k, len(sub)),
+                        cfg.knn.temperature,
+                    )
+                )
             out[f"probe_{shots}shot_top1"] = sum(probes) / len(probes)
             out[f"knn_{shots}shot_top1"] = sum(knns) / len(knns)
             out[f"probe_{shots}shot_top1_draws"] = probes

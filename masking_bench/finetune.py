@@ -39,8 +39,14 @@ def finetune_top1(encoder_state: dict, spec: RunSpec, dataset: Dataset, device, 
 def _finetune(encoder_state: dict, spec: RunSpec, dataset: Dataset, device, seed: int) -> dict[str, float]:
     cfg: FinetuneConfig = spec.eval.finetune
     start = time.perf_counter()
-    model = build_model(spec.model.preset, spec.method, img_size=dataset.image_size,
-                        in_chans=dataset.channels, drop_path=cfg.drop_path, **spec.model.overrides)
+    model = build_model(
+        spec.model.preset,
+        spec.method,
+        img_size=dataset.image_size,
+        in_chans=dataset.channels,
+        drop_path=cfg.drop_path,
+        **spec.model.overrides,
+    )
     model.load_state_dict(encoder_state)
     head = nn.Linear(model.embed_dim, dataset.num_classes)
     nn.init.trunc_normal_(head.weight, std=2e-5)
@@ -50,12 +56,20 @@ def _finetune(encoder_state: dict, spec: RunSpec, dataset: Dataset, device, seed
     depth = len(model.blocks)
     groups: dict[tuple[int, bool], list] = {}
     keep = {n for n, _ in model.named_parameters() if n.startswith(("cls_token", "patch_embed", "blocks.", "norm."))}
-    named = [(n, p) for n, p in model.named_parameters() if n in keep] + [(f"head.{n}", p) for n, p in head.named_parameters()]
+    named = [(n, p) for n, p in model.named_parameters() if n in keep] + [
+        (f"head.{n}", p) for n, p in head.named_parameters()
+    ]
     for name, p in named:
         decay = p.ndim >= 2 and not name.endswith("token")
         groups.setdefault((_layer_id(name, depth), decay), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
-                     "lr_scale": cfg.layer_decay ** (depth + 1 - layer)} for (layer, decay), ps in sorted(groups.items())]
+    param_groups = [
+        {
+            "params": ps,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_scale": cfg.layer_decay ** (depth + 1 - layer),
+        }
+        for (layer, decay), ps in sorted(groups.items())
+    ]
     opt = torch.optim.AdamW(param_groups, lr=0.0, betas=(0.9, 0.999))
     train = dataset.train.subset(cfg.train_subset, seed=seed)
     test = dataset.test.subset(spec.eval.probe.test_subset, seed=54321)
@@ -67,11 +81,16 @@ def _finetune(encoder_state: dict, spec: RunSpec, dataset: Dataset, device, seed
     step = 0
     for epoch in range(cfg.epochs):
         for x, y in loader.batches(epoch):
-            lr = peak * step / warm if step < warm else peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
+            lr = (
+                peak * step / warm
+                if step < warm
+                else peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
+            )
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            loss = F.cross_entropy(head(model.forward_features(x, pool=spec.eval.pool)), y,
-                                   label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(
+                head(model.forward_features(x, pool=spec.eval.pool)), y, label_smoothing=cfg.label_smoothing
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -11,9 +11,10 @@ Each part is hashed over its *normalised* source: the Python AST without docstri
 annotations, printed back with :func:`ast.unparse`. Comments, docstrings, type hints and formatting
 never change a fingerprint; any other change of code does. Each file is read once per process, at
 the first fingerprint (the engine's when this module is imported, a strategy's when it registers),
-so an edit made while a run trains cannot be stamped onto that run. A record whose stamp differs from the current code is *stale*: ``status``
-names the parts, ``run`` retrains it, ``report`` marks it. ``certify`` proves a refactor harmless by
-rerunning a few cells bit-for-bit and then re-stamps the records (see the README, "Run records").
+so an edit made while a run trains cannot be stamped onto that run. A record whose stamp differs
+from the current code is *stale*: ``status`` names the parts, ``run`` retrains it, ``report`` marks
+it. ``certify`` proves a refactor harmless by rerunning a few cells bit-for-bit and then re-stamps
+the records (see the README, "Run records").
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def _strip_non_code(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(getattr(body[0], "value", None), ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             node.returns = None
@@ -58,7 +63,7 @@ def normalised_source(text: str) -> str:
     return ast.unparse(_strip_non_code(ast.parse(text)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def file_digest(path: str | Path) -> str:
     """Digest of a source file's normalised code, read once per process: a file edited while the
     process runs keeps the digest of the code this process loaded."""

@@ -24,10 +24,11 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .config import LauncherConfig, RunSpec, spec_from_dict
 from .errors import BenchError, RunBusyError
-from .store import RunRecord
+from .store import RunRecord, warn
 
 LAUNCHERS = ("local", "debug", "slurm")
 # a checkpointable run may time out and be requeued this many times before it counts as failed
@@ -116,8 +117,14 @@ def export_distributed() -> tuple[int, int]:
 # ------------------------------------------------------------------------------ one run
 
 
-def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_after_steps: int | None = None,
-                job: dict[str, Any] | None = None, accept_stale: bool = False) -> dict:
+def execute_run(
+    spec: RunSpec,
+    results: Path,
+    show_progress: bool = True,
+    stop_after_steps: int | None = None,
+    job: dict[str, Any] | None = None,
+    accept_stale: bool = False,
+) -> dict:
     """Train and evaluate one run into its record folder; returns the summary. Idempotent.
 
     ``job`` (e.g. ``{"job_id": "12_3", "launcher": "slurm", "restarts": 1}``) is written into every
@@ -135,6 +142,8 @@ def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_a
             record.set_status(state, **extra, **fields)
 
     with record.lock():
+        for note in record.repair():  # leftovers of interrupted writes; a damaged summary with a valid copy
+            print(f"note: {note}", file=sys.stderr)
         if record.is_done():  # finished by another process between the check above and the lock
             return record.read_summary()
         stale = record.stale_reason()
@@ -145,8 +154,9 @@ def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_a
         extra["epochs_at_start"] = len(record.read_metrics())  # > 0: this attempt resumes a checkpoint
         set_status("running")
         try:
-            summary = train_run(spec, record, progress=tqdm if show_progress else None,
-                                stop_after_steps=stop_after_steps)
+            summary = train_run(
+                spec, record, progress=tqdm if show_progress else None, stop_after_steps=stop_after_steps
+            )
         except KeyboardInterrupt:
             set_status("pending", note="interrupted; the next run resumes from the last finished epoch")
             raise
@@ -160,20 +170,31 @@ def execute_run(spec: RunSpec, results: Path, show_progress: bool = True, stop_a
         # status RunJob.checkpoint wrote ("pending", requeued) stays and the lock is released.
         record.write_summary(summary)
         set_status("done")
-        record.archive()  # the compact copy in results/records (committable; counts as done elsewhere)
+        try:
+            record.archive()  # the compact copy in results/records (committable; counts as done elsewhere)
+        except OSError as exc:  # e.g. a full disk: the run is finished all the same; the next `run` retries
+            warn(
+                f"run {spec.run_hash} ({spec.short()}) is finished but its copy in {record.archive_dir} could not "
+                f"be written ({exc.strerror or exc}); the next `run` copies it"
+            )
         return summary
 
 
-def run_local(specs: list[RunSpec], results: Path, show_progress: bool = True,
-              accept_stale: bool = False) -> SuiteOutcome:
+def run_local(
+    specs: list[RunSpec], results: Path, show_progress: bool = True, accept_stale: bool = False
+) -> SuiteOutcome:
     """Run every spec in this process, in order; done runs are skipped in milliseconds, stale ones retrained."""
     outcome = SuiteOutcome()
     t0 = time.perf_counter()
     todo = []
     for spec in specs:
         record = RunRecord(results, spec, accept_stale)
+        _tidy(record)
         if record.is_done() and not record.is_archived():
-            record.archive()  # finished before archiving existed, or the copy was deleted
+            try:
+                record.archive()  # finished before archiving existed, or the copy was deleted or failed
+            except OSError as exc:
+                warn(f"could not copy run {spec.run_hash} to {record.archive_dir} ({exc.strerror or exc})")
         (outcome.skipped if record.is_done() else todo).append(spec)
     outcome.skipped = [s.short() for s in outcome.skipped]
     bar = tqdm(todo, desc="runs", unit="run", disable=not show_progress or not todo)
@@ -190,6 +211,20 @@ def run_local(specs: list[RunSpec], results: Path, show_progress: bool = True,
             outcome.failed.append((spec.short(), one_line(exc)))
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+def _tidy(record: RunRecord) -> None:
+    """Repair a run's folder (leftover temporary files, a damaged summary with a valid copy) when no
+    other process holds it; a run being trained elsewhere is left alone."""
+    leftovers = [f for folder in (record.dir, record.archive_dir) if folder.is_dir() for f in folder.glob(".*.tmp")]
+    if not leftovers and not record.live_summary_damaged():
+        return
+    try:
+        with record.lock():
+            for note in record.repair():
+                print(f"note: {note}", file=sys.stderr)
+    except RunBusyError:
+        pass
 
 
 class RunJob(Checkpointable):
@@ -216,9 +251,12 @@ class RunJob(Checkpointable):
         if world > 1:
             ctx["tasks"] = world
         record = RunRecord(Path(self.results), spec)
-        print(f"masking_bench: run {spec.run_hash} ({spec.short()}) job {ctx.get('job_id', '-')} "
-              f"restart {ctx.get('restarts', 0)} epochs done {len(record.read_metrics())} "
-              f"record {record.dir}", flush=True)
+        print(
+            f"masking_bench: run {spec.run_hash} ({spec.short()}) job {ctx.get('job_id', '-')} "
+            f"restart {ctx.get('restarts', 0)} epochs done {len(record.read_metrics())} "
+            f"record {record.dir}",
+            flush=True,
+        )
         try:
             execute_run(spec, Path(self.results), show_progress=False, job=ctx)
         except Exception as exc:
@@ -243,8 +281,11 @@ class RunJob(Checkpointable):
         spec = spec_from_dict(self.spec)
         record = RunRecord(Path(self.results), spec)
         if not record.is_done():
-            record.set_status("pending", **job_context(),
-                              note="preempted or timed out: requeued, resumes from the last finished epoch")
+            record.set_status(
+                "pending",
+                **job_context(),
+                note="preempted or timed out: requeued, resumes from the last finished epoch",
+            )
         return DelayedSubmission(self, *args, **kwargs)
 
 
@@ -255,7 +296,7 @@ def chunked(items: Sequence[T], size: int) -> list[list[T]]:
     """Consecutive slices of at most ``size`` items (one job array each); [] for no items."""
     if size < 1:
         raise ValueError(f"chunk size must be >= 1, got {size}")
-    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 def default_folder(results: Path, suite: str) -> Path:
@@ -275,9 +316,13 @@ def executor_parameters(cfg: LauncherConfig, kind: str, suite: str) -> dict[str,
     params: dict[str, Any] = {"name": f"mb-{suite}", "timeout_min": cfg.timeout_min}
     if kind != "slurm":
         return params
-    params.update(tasks_per_node=cfg.tasks_per_node, cpus_per_task=cfg.cpus_per_task, mem_gb=cfg.mem_gb,
-                  slurm_array_parallelism=cfg.array_parallelism,
-                  slurm_signal_delay_s=signal_delay_s(cfg.timeout_min))
+    params.update(
+        tasks_per_node=cfg.tasks_per_node,
+        cpus_per_task=cfg.cpus_per_task,
+        mem_gb=cfg.mem_gb,
+        slurm_array_parallelism=cfg.array_parallelism,
+        slurm_signal_delay_s=signal_delay_s(cfg.timeout_min),
+    )
     if cfg.gpus_per_node:
         params["gpus_per_node"] = cfg.gpus_per_node
     if cfg.partition:
@@ -290,13 +335,19 @@ def executor_parameters(cfg: LauncherConfig, kind: str, suite: str) -> dict[str,
 def make_executor(cfg: LauncherConfig, kind: str, suite: str, folder: Path) -> submitit.AutoExecutor:
     if kind == "slurm":
         if shutil.which("sbatch") is None:
-            raise BenchError("--launcher slurm: 'sbatch' is not on PATH; run on a SLURM login node, or start the "
-                             "local test cluster with 'bash scripts/slurm-local-up.sh up'")
+            raise BenchError(
+                "--launcher slurm: 'sbatch' is not on PATH; run on a SLURM login node, or start the "
+                "local test cluster with 'bash scripts/slurm-local-up.sh up'"
+            )
         if submitit.JobEnvironment.USR_SIG == "USR1":
-            print("warning: SUBMITIT_PREEMPT_SIGNAL=USR1: NCCL may swallow USR1 so runs would not checkpoint "
-                  "before preemption; unset it (submitit's default is USR2)", file=sys.stderr)
-    executor = submitit.AutoExecutor(folder=str(Path(folder) / "%j"), cluster=kind,
-                                     slurm_max_num_timeout=MAX_NUM_TIMEOUT)
+            print(
+                "warning: SUBMITIT_PREEMPT_SIGNAL=USR1: NCCL may swallow USR1 so runs would not checkpoint "
+                "before preemption; unset it (submitit's default is USR2)",
+                file=sys.stderr,
+            )
+    executor = submitit.AutoExecutor(
+        folder=str(Path(folder) / "%j"), cluster=kind, slurm_max_num_timeout=MAX_NUM_TIMEOUT
+    )
     executor.update_parameters(**executor_parameters(cfg, kind, suite))
     return executor
 
@@ -321,9 +372,14 @@ def mark_submitted(record: RunRecord, job_id: str, log: Path | None) -> None:
         if record.is_done() or record.status().get("job_id") == job_id:
             return
         record.write_config()
-        record.set_status("pending", job_id=job_id, launcher="slurm", note=f"submitted as SLURM job {job_id}",
-                          log=str(log) if log else None,
-                          submitted=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        record.set_status(
+            "pending",
+            job_id=job_id,
+            launcher="slurm",
+            note=f"submitted as SLURM job {job_id}",
+            log=str(log) if log else None,
+            submitted=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
 
 
 def mark_lost(record: RunRecord, job_id: str, reason: str) -> bool:
@@ -336,8 +392,16 @@ def mark_lost(record: RunRecord, job_id: str, reason: str) -> bool:
         return True
 
 
-def launch_suite(specs: list[RunSpec], results: Path, cfg: LauncherConfig, kind: str, suite: str,
-                 wait: bool = True, show_progress: bool = True, accept_stale: bool = False) -> SuiteOutcome:
+def launch_suite(
+    specs: list[RunSpec],
+    results: Path,
+    cfg: LauncherConfig,
+    kind: str,
+    suite: str,
+    wait: bool = True,
+    show_progress: bool = True,
+    accept_stale: bool = False,
+) -> SuiteOutcome:
     """Run ``specs`` with ``kind`` ('local', 'debug' or 'slurm'); only runs not already done are submitted.
 
     ``accept_stale``: count runs finished by older code as done (the report marks them); the default
@@ -362,8 +426,10 @@ def launch_suite(specs: list[RunSpec], results: Path, cfg: LauncherConfig, kind:
     if kind == "slurm" and cfg.tasks_per_node > 1:  # data-parallel: each task takes an equal share of a batch
         odd = next((s for s in todo if s.train.batch_size % cfg.tasks_per_node), None)
         if odd is not None:
-            raise BenchError(f"launcher.tasks_per_node {cfg.tasks_per_node} (one data-parallel process per task) "
-                             f"must divide train.batch_size {odd.train.batch_size} ({odd.short()})")
+            raise BenchError(
+                f"launcher.tasks_per_node {cfg.tasks_per_node} (one data-parallel process per task) "
+                f"must divide train.batch_size {odd.train.batch_size} ({odd.short()})"
+            )
     executor = make_executor(cfg, kind, suite, folder)
     if kind == "debug":
         _run_debug(executor, todo, results, cfg, outcome, show_progress)
@@ -390,10 +456,12 @@ def launch_suite(specs: list[RunSpec], results: Path, cfg: LauncherConfig, kind:
             lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
             msg = next((x for x in reversed(lines) if "error" in x.lower()), lines[-1] if lines else "failed")
             done_before = f" ({len(outcome.submitted)} runs were submitted before)" if outcome.submitted else ""
-            raise BenchError(f"sbatch refused the job array of {len(chunk)} runs: {msg}; check the suite's "
-                             f"launcher block (partition, gpus_per_node, mem_gb, additional_parameters)"
-                             f"{done_before}") from None
-        for spec, job in zip(chunk, jobs):
+            raise BenchError(
+                f"sbatch refused the job array of {len(chunk)} runs: {msg}; check the suite's "
+                f"launcher block (partition, gpus_per_node, mem_gb, additional_parameters)"
+                f"{done_before}"
+            ) from None
+        for spec, job in zip(chunk, jobs, strict=True):
             log = None
             try:
                 log = job.paths.stdout
@@ -406,22 +474,27 @@ def launch_suite(specs: list[RunSpec], results: Path, cfg: LauncherConfig, kind:
         try:
             _wait_slurm(tracked, results, outcome, show_progress)
         except KeyboardInterrupt:
-            print(f"stopped waiting: the {len(tracked)} SLURM jobs keep running (scancel to stop them); "
-                  "`python -m masking_bench status SUITE` shows where they are", file=sys.stderr)
+            print(
+                f"stopped waiting: the {len(tracked)} SLURM jobs keep running (scancel to stop them); "
+                "`python -m masking_bench status SUITE` shows where they are",
+                file=sys.stderr,
+            )
             raise
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
 
-def _run_debug(executor, todo: list[RunSpec], results: Path, cfg: LauncherConfig, outcome: SuiteOutcome,
-               show_progress: bool) -> None:
+def _run_debug(
+    executor, todo: list[RunSpec], results: Path, cfg: LauncherConfig, outcome: SuiteOutcome, show_progress: bool
+) -> None:
     jobs = []
     for chunk in chunked(todo, cfg.max_array_size):
         with executor.batch():
-            jobs += [executor.submit(RunJob(s.model_dump(mode="json"), str(results), raise_on_failure=False))
-                     for s in chunk]
+            jobs += [
+                executor.submit(RunJob(s.model_dump(mode="json"), str(results), raise_on_failure=False)) for s in chunk
+            ]
     bar = tqdm(total=len(todo), desc="runs (debug)", unit="run", disable=not show_progress)
-    for spec, job in zip(todo, jobs):
+    for spec, job in zip(todo, jobs, strict=True):
         bar.set_postfix_str(spec.short())
         res = job.result()  # the debug executor runs the job here, in this process
         if res.get("state") == "done":
@@ -432,8 +505,9 @@ def _run_debug(executor, todo: list[RunSpec], results: Path, cfg: LauncherConfig
     bar.close()
 
 
-def _wait_slurm(tracked: list[tuple[RunSpec, str, Any]], results: Path, outcome: SuiteOutcome,
-                show_progress: bool) -> None:
+def _wait_slurm(
+    tracked: list[tuple[RunSpec, str, Any]], results: Path, outcome: SuiteOutcome, show_progress: bool
+) -> None:
     """Poll the records (and, for jobs that vanished, SLURM) until every tracked run is done or failed."""
     pending = {spec.run_hash: (spec, job_id, job) for spec, job_id, job in tracked}
     ended_once: set[str] = set()  # job seen finished once without a final record: confirm on the next poll
@@ -452,8 +526,9 @@ def _wait_slurm(tracked: list[tuple[RunSpec, str, Any]], results: Path, outcome:
                     if _job_ended(job):
                         if run_hash in ended_once:
                             state = _job_state(job)
-                            reason = (f"SLURM job {job_id} ended ({state}) before the run finished; "
-                                      f"log: {_log_path(job)}")
+                            reason = (
+                                f"SLURM job {job_id} ended ({state}) before the run finished; log: {_log_path(job)}"
+                            )
                             mark_lost(record, job_id, reason)
                             st = record.status()
                             if record.is_done():

@@ -53,19 +53,27 @@ class MaskPlan:
     record_attention: tuple[int, ...] = ()
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
-    def narrow(self, start: int, length: int) -> "MaskPlan":
+    def narrow(self, start: int, length: int) -> MaskPlan:
         """The plan of samples ``start .. start+length`` (one DDP rank's share of a global batch)."""
-        cut = lambda v: v.narrow(0, start, length) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v  # noqa: E731
         n = self.mask.shape[0]
-        return MaskPlan(mask=cut(self.mask), view=cut(self.view), target=cut(self.target),
-                        isolate_mask_tokens=self.isolate_mask_tokens, record_attention=self.record_attention,
-                        diagnostics={k: cut(v) for k, v in self.diagnostics.items()})
+
+        def cut(v):
+            return v.narrow(0, start, length) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v
+
+        return MaskPlan(
+            mask=cut(self.mask),
+            view=cut(self.view),
+            target=cut(self.target),
+            isolate_mask_tokens=self.isolate_mask_tokens,
+            record_attention=self.record_attention,
+            diagnostics={k: cut(v) for k, v in self.diagnostics.items()},
+        )
 
     def realised_ratio(self) -> torch.Tensor:
         """Per-sample fraction of hidden tokens, (N,)."""
         return self.mask.float().mean(dim=1)
 
-    def check(self, strategy: "MaskingStrategy", batch: int, num_tokens: int) -> None:
+    def check(self, strategy: MaskingStrategy, batch: int, num_tokens: int) -> None:
         """Raise :class:`StrategyError` naming the strategy and the rule when this plan breaks the contract:
         a bool (N, L) mask; at least one hidden and one visible token per sample; a mean realised ratio
         within ``RATIO_TOLERANCE`` of the requested one (unless the strategy's ratio is adaptive)."""
@@ -75,27 +83,40 @@ class MaskPlan:
             kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise StrategyError(f"{who}: plan().mask must be a torch.bool tensor (True = hidden), got {kind}")
         if tuple(mask.shape) != (batch, num_tokens):
-            raise StrategyError(f"{who}: plan().mask must have shape (batch, tokens) = ({batch}, {num_tokens}), "
-                                f"got {tuple(mask.shape)}")
+            raise StrategyError(
+                f"{who}: plan().mask must have shape (batch, tokens) = ({batch}, {num_tokens}), got {tuple(mask.shape)}"
+            )
         hidden = mask.sum(dim=1)
         low, high = int(hidden.min()), int(hidden.max())
         if low < 1 or high > num_tokens - 1:
             what = "hides no token" if low < 1 else "hides every token"
-            raise StrategyError(f"{who}: a sample's mask {what}; every sample needs at least one hidden and one "
-                                f"visible token (hidden per sample: {low}..{high} of {num_tokens})")
+            raise StrategyError(
+                f"{who}: a sample's mask {what}; every sample needs at least one hidden and one "
+                f"visible token (hidden per sample: {low}..{high} of {num_tokens})"
+            )
         if not strategy.adaptive_ratio:
             realised = float(hidden.float().mean()) / num_tokens
             if abs(realised - strategy.ratio) > RATIO_TOLERANCE:
-                raise StrategyError(f"{who}: plan hides {realised:.3f} of the tokens on average, more than "
-                                    f"{RATIO_TOLERANCE} from the requested ratio; return masks near the ratio, or "
-                                    "set the class attribute adaptive_ratio = True if the strategy chooses it")
+                raise StrategyError(
+                    f"{who}: plan hides {realised:.3f} of the tokens on average, more than "
+                    f"{RATIO_TOLERANCE} from the requested ratio; return masks near the ratio, or "
+                    "set the class attribute adaptive_ratio = True if the strategy chooses it"
+                )
 
 
 class PlanContext:
     """What a strategy may read while planning: grid, seeded generator, progress, lazy model probes."""
 
-    def __init__(self, model, grid: tuple[int, int], generator: torch.Generator, epoch: int = 0,
-                 step: int = 0, total_epochs: int = 1, method: str = "mae"):
+    def __init__(
+        self,
+        model,
+        grid: tuple[int, int],
+        generator: torch.Generator,
+        epoch: int = 0,
+        step: int = 0,
+        total_epochs: int = 1,
+        method: str = "mae",
+    ):
         self.model = model
         self.grid = grid
         self.num_tokens = grid[0] * grid[1]
@@ -161,8 +182,9 @@ class MaskingStrategy:
         if not 0.0 <= float(ratio) < 1.0:
             raise BenchError(f"strategy '{self.name}': masking ratio {ratio} must be in [0, 1)")
         if method not in self.methods:
-            raise BenchError(f"strategy '{self.name}' does not support method '{method}': "
-                             f"accepted are {', '.join(self.methods)}")
+            raise BenchError(
+                f"strategy '{self.name}' does not support method '{method}': accepted are {', '.join(self.methods)}"
+            )
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             accepted = ", ".join(sorted(self.defaults)) or "none"
@@ -183,8 +205,13 @@ class MaskingStrategy:
 
     def describe(self) -> dict[str, Any]:
         """What a run record stores about the strategy."""
-        return {"name": self.name, "params": dict(self.params), "interpretation": self.interpretation,
-                "needs": sorted(self.needs), "source": self.source}
+        return {
+            "name": self.name,
+            "params": dict(self.params),
+            "interpretation": self.interpretation,
+            "needs": sorted(self.needs),
+            "source": self.source,
+        }
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -242,8 +269,9 @@ def _discover_builtin_and_installed() -> None:
         try:
             obj = ep.load()
         except Exception as exc:  # a broken third-party package must not break the others
-            raise BenchError(f"entry point '{ep.name}' ({ep.value}) in group {ENTRY_POINT_GROUP} "
-                             f"failed to load: {exc}") from exc
+            raise BenchError(
+                f"entry point '{ep.name}' ({ep.value}) in group {ENTRY_POINT_GROUP} failed to load: {exc}"
+            ) from exc
         if isinstance(obj, type) and issubclass(obj, MaskingStrategy) and obj.name not in _REGISTRY:
             register(obj)
 
@@ -269,8 +297,13 @@ def load_plugin(path: str | Path) -> list[str]:
             raise BenchError(f"plugin '{path}' failed to import: {type(exc).__name__}: {exc}") from exc
         # classes defined in the file but not decorated are registered too
         for obj in vars(module).values():
-            if (isinstance(obj, type) and issubclass(obj, MaskingStrategy) and obj.name
-                    and obj.__module__ == mod_name and obj.name not in _REGISTRY):
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, MaskingStrategy)
+                and obj.name
+                and obj.__module__ == mod_name
+                and obj.name not in _REGISTRY
+            ):
                 register(obj)
     added = sorted(set(_REGISTRY) - before)
     return added
@@ -285,12 +318,13 @@ def available() -> dict[str, type[MaskingStrategy]]:
 def get_strategy_class(name: str) -> type[MaskingStrategy]:
     strategies = available()
     if name not in strategies:
-        raise BenchError(f"unknown strategy '{name}': accepted are {', '.join(strategies)} "
-                         "(or add one with --plugin FILE / the suite field 'plugins')")
+        raise BenchError(
+            f"unknown strategy '{name}': accepted are {', '.join(strategies)} "
+            "(or add one with --plugin FILE / the suite field 'plugins')"
+        )
     return strategies[name]
 
 
 def build_strategy(name: str, ratio: float, method: str = "mae", params: dict | None = None) -> MaskingStrategy:
     """Instantiate a registered strategy with validated parameters."""
     return get_strategy_class(name)(ratio, method=method, **(params or {}))
-

@@ -19,7 +19,8 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -82,8 +83,9 @@ def aggregate_seeds(df: pd.DataFrame, keys: Sequence[str], value: str = "top1") 
     return pd.DataFrame(rows, columns=cols)
 
 
-def paired_deltas(df: pd.DataFrame, keys: Sequence[str], baseline: str, by: str = "strategy",
-                  seed: str = "seed", value: str = "top1") -> pd.DataFrame:
+def paired_deltas(
+    df: pd.DataFrame, keys: Sequence[str], baseline: str, by: str = "strategy", seed: str = "seed", value: str = "top1"
+) -> pd.DataFrame:
     """Δ of every non-baseline ``by`` level against ``baseline``, paired by seed within each cell.
 
     For a cell (the ``keys``, e.g. suite, method, ratio, epochs, protocol) and a strategy S:
@@ -94,8 +96,7 @@ def paired_deltas(df: pd.DataFrame, keys: Sequence[str], baseline: str, by: str 
     Provenance: benchmark choice (anchors §0.7: rankings without intervals mean nothing); pairing by
     seed removes the shared init/data-order noise.
     """
-    cols = list(keys) + [by, "delta_n", "delta_mean", "delta_std", "delta_ci_low", "delta_ci_high",
-                         "outside_noise"]
+    cols = list(keys) + [by, "delta_n", "delta_mean", "delta_std", "delta_ci_low", "delta_ci_high", "outside_noise"]
     base = df[df[by] == baseline]
     other = df[df[by] != baseline]
     if base.empty or other.empty:
@@ -286,8 +287,7 @@ def common_range(*curves_epochs: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
-def rauc(epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[float],
-         acc_b: Sequence[float]) -> float:
+def rauc(epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[float], acc_b: Sequence[float]) -> float:
     """RAUC [INTERP spec §7.4] = ``AUC(method) / AUC(baseline)`` over their common epoch range.
 
     AUC is :func:`curve_auc`. > 1 ⇒ the method is ahead of the baseline over the schedule on average.
@@ -300,8 +300,9 @@ def rauc(epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[f
     return num / den if den and math.isfinite(den) else math.nan
 
 
-def rauc_norm(epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[float],
-              acc_b: Sequence[float]) -> float:
+def rauc_norm(
+    epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[float], acc_b: Sequence[float]
+) -> float:
     """RAUC_norm [INTERP spec §7.4] = ``AUC(method) / ((e_m − e_1) · A_baseline(e_m))``.
 
     ``[e_1, e_m]`` is the common epoch range; the value is the method's mean accuracy over it as a
@@ -352,8 +353,9 @@ def mean_curve(df: pd.DataFrame, epoch: str = "epoch", value: str = "top1", seed
     n_seeds = df[seed].nunique()
     g = df.groupby(epoch, sort=True)[value].agg(["mean", "count"]).reset_index()
     g = g[g["count"] == n_seeds]
-    return pd.DataFrame({"epoch": g[epoch].to_numpy(float), "top1": g["mean"].to_numpy(float),
-                         "n": g["count"].to_numpy(int)})
+    return pd.DataFrame(
+        {"epoch": g[epoch].to_numpy(float), "top1": g["mean"].to_numpy(float), "n": g["count"].to_numpy(int)}
+    )
 
 
 # ------------------------------------------------------------------------------------ compute

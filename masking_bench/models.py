@@ -12,9 +12,9 @@ set and blocks padded keys with an attention mask, so a hidden patch is never vi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -26,12 +26,24 @@ from .errors import BenchError
 # name -> encoder width/depth/heads and MAE decoder width/depth/heads
 PRESETS: dict[str, dict] = {
     # ≈0.86M parameters: the size measured in the developers' guide (28x28, patch 4 -> 7x7 tokens)
-    "cpu-tiny": dict(patch_size=4, embed_dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=1, decoder_heads=4),
-    "cpu-small": dict(patch_size=4, embed_dim=192, depth=6, num_heads=3, decoder_dim=128, decoder_depth=2, decoder_heads=4),
-    "vit-tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_dim=256, decoder_depth=4, decoder_heads=8),
-    "vit-small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_dim=256, decoder_depth=4, decoder_heads=8),
-    "vit-base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512, decoder_depth=8, decoder_heads=16),
-    "vit-large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_dim=512, decoder_depth=8, decoder_heads=16),
+    "cpu-tiny": dict(
+        patch_size=4, embed_dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=1, decoder_heads=4
+    ),
+    "cpu-small": dict(
+        patch_size=4, embed_dim=192, depth=6, num_heads=3, decoder_dim=128, decoder_depth=2, decoder_heads=4
+    ),
+    "vit-tiny": dict(
+        patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_dim=256, decoder_depth=4, decoder_heads=8
+    ),
+    "vit-small": dict(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_dim=256, decoder_depth=4, decoder_heads=8
+    ),
+    "vit-base": dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512, decoder_depth=8, decoder_heads=16
+    ),
+    "vit-large": dict(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_dim=512, decoder_depth=8, decoder_heads=16
+    ),
 }
 METHODS = ("mae", "simmim")
 
@@ -51,7 +63,7 @@ def explicit_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]
     try:
         yield
     finally:
-        for m, flag in zip(layers, saved):
+        for m, flag in zip(layers, saved, strict=True):
             m.fused_attn = flag
 
 
@@ -61,8 +73,9 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     if dim % 4:
         raise BenchError(f"embedding width {dim} must be a multiple of 4 for 2-D sin-cos positions")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
 
     def encode(pos: torch.Tensor) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega[None]
@@ -106,10 +119,22 @@ def _neg_inf_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class MIMViT(nn.Module):
     """A ViT encoder plus the pre-training head of one MIM method (``mae`` or ``simmim``)."""
 
-    def __init__(self, img_size: int = 28, in_chans: int = 1, patch_size: int = 4, embed_dim: int = 128,
-                 depth: int = 4, num_heads: int = 4, decoder_dim: int = 64, decoder_depth: int = 1,
-                 decoder_heads: int = 4, mlp_ratio: float = 4.0, method: str = "mae",
-                 norm_pix_loss: bool = True, drop_path: float = 0.0):
+    def __init__(
+        self,
+        img_size: int = 28,
+        in_chans: int = 1,
+        patch_size: int = 4,
+        embed_dim: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        decoder_dim: int = 64,
+        decoder_depth: int = 1,
+        decoder_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        method: str = "mae",
+        norm_pix_loss: bool = True,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         if method not in METHODS:
             raise BenchError(f"unknown MIM method '{method}': accepted are {', '.join(METHODS)}")
@@ -128,17 +153,20 @@ class MIMViT(nn.Module):
         self.register_buffer("pos_embed", torch.cat([torch.zeros(1, embed_dim), pos])[None], persistent=False)
         dpr = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i]) for i in range(depth))
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i]) for i in range(depth)
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         out_dim = patch_size * patch_size * in_chans
         if method == "mae":
             self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
             dpos = sincos_pos_embed_2d(decoder_dim, *self.grid)
-            self.register_buffer("decoder_pos_embed", torch.cat([torch.zeros(1, decoder_dim), dpos])[None],
-                                 persistent=False)
+            self.register_buffer(
+                "decoder_pos_embed", torch.cat([torch.zeros(1, decoder_dim), dpos])[None], persistent=False
+            )
             self.decoder_blocks = nn.ModuleList(
-                Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True) for _ in range(decoder_depth))
+                Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True) for _ in range(decoder_depth)
+            )
             self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
             self.head = nn.Linear(decoder_dim, out_dim)
         else:
@@ -219,8 +247,13 @@ class MIMViT(nn.Module):
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
 
     # ------------------------------------------------------------------------------- MIM forward
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor, isolate_mask_tokens: bool = False,
-                record_attention: tuple[int, ...] = ()) -> ModelOutput:
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask: torch.Tensor,
+        isolate_mask_tokens: bool = False,
+        record_attention: tuple[int, ...] = (),
+    ) -> ModelOutput:
         """Encode ``imgs`` under ``mask`` (True = hidden) and predict every token's pixels.
 
         ``isolate_mask_tokens``: visible queries (and cls) may not attend to mask-token keys, in the

@@ -55,27 +55,29 @@ def _matmul_gflops(dtype, size: int = 256, reps: int = 3) -> float:
     return 2 * size**3 / max(best, 1e-9) / 1e9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_hardware() -> Hardware:
     """This CPU's bf16 support: torch's capability level and flags, confirmed by a matmul race."""
     import torch
 
     isa = torch.backends.cpu.get_cpu_capability()
-    flags = {name: bool(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)())
-             for name in ("avx512_bf16", "amx_tile")}
+    flags = {
+        name: bool(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()) for name in ("avx512_bf16", "amx_tile")
+    }
     have = [name for name, ok in flags.items() if ok]
     if not isa.startswith("AVX512") or not have:
-        why = (f"torch dispatches {isa} kernels" if have else "the CPU has neither AVX512-BF16 nor AMX")
+        why = f"torch dispatches {isa} kernels" if have else "the CPU has neither AVX512-BF16 nor AMX"
         return Hardware("cpu", isa, False, why)
     fp32 = _matmul_gflops(torch.float32)
     bf16 = _matmul_gflops(torch.bfloat16)
     native = bf16 >= NATIVE_RACE_FRACTION * fp32
-    why = (f"{'+'.join(have)}; bf16 matmul {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s"
-           + ("" if native else " (slower than fp32: bf16 is emulated here)"))
+    why = f"{'+'.join(have)}; bf16 matmul {bf16:.0f} vs fp32 {fp32:.0f} GFLOP/s" + (
+        "" if native else " (slower than fp32: bf16 is emulated here)"
+    )
     return Hardware("cpu", isa, native, why)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_hardware(index: int = 0) -> Hardware:
     import torch
 
@@ -111,9 +113,11 @@ def resolve(amp: str, device_type: str, hw: Hardware | None = None) -> str:
     if hw.native_bf16:
         return "bf16"
     if amp == "bf16":
-        raise BenchError(f"train.amp: bf16 asked, but this {hw.device} ({hw.isa}) has no native bf16 "
-                         f"({hw.why}), so training would run ~50x slower; set train.amp: auto (bf16 only where "
-                         "native) or none (fp32)")
+        raise BenchError(
+            f"train.amp: bf16 asked, but this {hw.device} ({hw.isa}) has no native bf16 "
+            f"({hw.why}), so training would run ~50x slower; set train.amp: auto (bf16 only where "
+            "native) or none (fp32)"
+        )
     return "fp32"
 
 
@@ -132,7 +136,9 @@ def check_on_device(planned: str, amp: str, device_type: str) -> dict[str, Any]:
     hw = hardware(device_type)
     here = resolve(amp, device_type, hw)
     if here != planned:
-        raise BenchError(f"this run was planned in {planned} (train.amp: {amp}) but this {device_type} "
-                         f"({hw.isa}) resolves it to {here} ({hw.why}); set train.amp: "
-                         f"{'none' if here == 'fp32' else 'bf16'} in the suite so plan and node agree")
+        raise BenchError(
+            f"this run was planned in {planned} (train.amp: {amp}) but this {device_type} "
+            f"({hw.isa}) resolves it to {here} ({hw.why}); set train.amp: "
+            f"{'none' if here == 'fp32' else 'bf16'} in the suite so plan and node agree"
+        )
     return {"used": planned, "requested": amp, **hw.as_dict()}

@@ -28,9 +28,10 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,30 +50,104 @@ FLOAT_FORMAT = "%.10g"  # after rounding to DECIMALS: no float noise such as 1.4
 DECIMALS = 6
 DPI = 100
 
-COMPUTE_METRICS = ("epoch_seconds", "train_seconds", "train_img_per_s", "wall_seconds", "eval_seconds",
-                   "peak_mem_mb", "gflops_per_image", "plan_share", "realised_mask_ratio")
+COMPUTE_METRICS = (
+    "epoch_seconds",
+    "train_seconds",
+    "train_img_per_s",
+    "wall_seconds",
+    "eval_seconds",
+    "peak_mem_mb",
+    "gflops_per_image",
+    "plan_share",
+    "realised_mask_ratio",
+)
 LEGACY_METRICS = ("final_loss", "train_img_per_s", "train_seconds")
 
 COLUMNS: dict[str, list[str]] = {
-    "accuracy": CELL[:6] + ["interpretation", "ratio", "protocol", "seeds", "top1_mean", "top1_std",
-                            "top1_ci_low", "top1_ci_high", "rank", "delta_pairs", "delta_mean", "delta_std",
-                            "delta_ci_low", "delta_ci_high", "outside_noise"],
-    "noise_floor": ["suite", "protocol", "cells", "seed_std", "seed_std_dof", "diff_std", "diff_std_dof",
-                    "diff_std_source", "typical_pairs", "min_detectable_delta"]
-                   + [f"seeds_for_delta_{d:g}" for d in DELTAS],
-    "ratio_robustness": SETTING + ["strategy", "protocol", "ratios", "complete_seeds", "global_pimr_mean",
-                                   "global_pimr_std", "global_pimr_ci_low", "global_pimr_ci_high",
-                                   "global_pimr_ref_mean", "global_pimr_ref_ci_low", "global_pimr_ref_ci_high",
-                                   "ratio_auc_mean", "ratio_auc_ci_low", "ratio_auc_ci_high", "peak_ratio",
-                                   "peak_top1", "worst_drop", "drop_after_peak"],
-    "pimr_by_ratio": SETTING + ["strategy", "protocol", "ratio", "seeds", "top1_mean", "pimr_slope",
-                                "pimr_slope_ci_low", "pimr_slope_ci_high", "pimr_ref", "pimr_ref_ci_low",
-                                "pimr_ref_ci_high"],
-    "convergence": CELL + ["protocol", "seeds", "eval_epochs", "final_top1", "baseline_final_top1",
-                           "epochs_to_95", "epochs_to_99", "epochs_to_100", "reduction_95", "reduction_99",
-                           "reduction_100", "rauc", "rauc_norm", "note"],
-    "compute": CELL + ["seeds"] + [f"{m}_{s}" for m in COMPUTE_METRICS for s in ("mean", "std")]
-               + ["params_encoder"],
+    "accuracy": CELL[:6]
+    + [
+        "interpretation",
+        "ratio",
+        "protocol",
+        "seeds",
+        "top1_mean",
+        "top1_std",
+        "top1_ci_low",
+        "top1_ci_high",
+        "rank",
+        "delta_pairs",
+        "delta_mean",
+        "delta_std",
+        "delta_ci_low",
+        "delta_ci_high",
+        "outside_noise",
+    ],
+    "noise_floor": [
+        "suite",
+        "protocol",
+        "cells",
+        "seed_std",
+        "seed_std_dof",
+        "diff_std",
+        "diff_std_dof",
+        "diff_std_source",
+        "typical_pairs",
+        "min_detectable_delta",
+    ]
+    + [f"seeds_for_delta_{d:g}" for d in DELTAS],
+    "ratio_robustness": SETTING
+    + [
+        "strategy",
+        "protocol",
+        "ratios",
+        "complete_seeds",
+        "global_pimr_mean",
+        "global_pimr_std",
+        "global_pimr_ci_low",
+        "global_pimr_ci_high",
+        "global_pimr_ref_mean",
+        "global_pimr_ref_ci_low",
+        "global_pimr_ref_ci_high",
+        "ratio_auc_mean",
+        "ratio_auc_ci_low",
+        "ratio_auc_ci_high",
+        "peak_ratio",
+        "peak_top1",
+        "worst_drop",
+        "drop_after_peak",
+    ],
+    "pimr_by_ratio": SETTING
+    + [
+        "strategy",
+        "protocol",
+        "ratio",
+        "seeds",
+        "top1_mean",
+        "pimr_slope",
+        "pimr_slope_ci_low",
+        "pimr_slope_ci_high",
+        "pimr_ref",
+        "pimr_ref_ci_low",
+        "pimr_ref_ci_high",
+    ],
+    "convergence": CELL
+    + [
+        "protocol",
+        "seeds",
+        "eval_epochs",
+        "final_top1",
+        "baseline_final_top1",
+        "epochs_to_95",
+        "epochs_to_99",
+        "epochs_to_100",
+        "reduction_95",
+        "reduction_99",
+        "reduction_100",
+        "rauc",
+        "rauc_norm",
+        "note",
+    ],
+    "compute": CELL + ["seeds"] + [f"{m}_{s}" for m in COMPUTE_METRICS for s in ("mean", "std")] + ["params_encoder"],
 }
 LEGACY_KEYS = ["suite", "variant", "strategy", "method", "model", "ratio", "epochs", "seeds"]
 PLOTS = ("accuracy_vs_ratio", "convergence", "pimr", "pareto")
@@ -89,25 +164,13 @@ class Records:
     protocols: list[str]
     interp: dict[str, bool | None] = field(default_factory=dict)  # strategy label -> interpretation flag
     skipped: int = 0  # run folders whose config no longer hashes to their folder name
+    damaged: list[str] = field(default_factory=list)  # record files that could not be read
     stale: dict[str, list[str]] = field(default_factory=dict)  # strategy label -> why its runs are stale
     baselines: dict[str, str] = field(default_factory=dict)  # suite -> baseline strategy label
 
 
 def _num(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-    return rows
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -128,14 +191,17 @@ def _variant_fields(identity: dict[str, Any]) -> dict[str, str]:
 
 def _floor_key(identity: dict[str, Any]) -> str:
     """What the untrained encoder of a run shares with it: everything but strategy, ratio, training, seed."""
-    ident = {k: v for k, v in identity.items()
-             if k not in ("strategy", "ratio", "train", "kind", "seed", "schema", "precision")}
+    ident = {
+        k: v
+        for k, v in identity.items()
+        if k not in ("strategy", "ratio", "train", "kind", "seed", "schema", "precision")
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _variant_labels(fields: list[dict[str, str]], kinds: list[str]) -> list[str]:
     """Per run: the fields that differ between the suite's pre-training runs, as ``key=value, …``."""
-    ref = [f for f, k in zip(fields, kinds) if k == "pretrain"] or fields
+    ref = [f for f, k in zip(fields, kinds, strict=True) if k == "pretrain"] or fields
     keys = sorted({k for f in ref for k in f})
     differing = [k for k in keys if len({f.get(k) for f in ref}) > 1]
     labels = []
@@ -158,21 +224,14 @@ def _baseline_label(runs: pd.DataFrame) -> str:
     return labels[0]
 
 
-def _metrics_path(record: RunRecord) -> Path:
-    """The live run's metrics.jsonl, or the archived copy under ``records/`` when only that one is finished."""
-    archive = getattr(record, "archive_dir", None)
-    if not record.summary_path.is_file() and archive is not None and (archive / "summary.json").is_file():
-        return archive / "metrics.jsonl"
-    return record.metrics_path
-
-
 def collect(results: Path, suite: str | None = None) -> Records:
     """Every finished run under ``results/runs`` and archived under ``results/records`` (optionally one suite)."""
     rows, score_rows, curve_rows, fields = [], [], [], []
     interp: dict[str, bool | None] = {}
     stale: dict[str, list[str]] = {}
     skipped = 0
-    for run_dir, spec in iter_records(results, suite):
+    damaged: list[str] = []
+    for run_dir, spec in iter_records(results, suite, damaged):
         record = RunRecord(results, spec)
         if Path(run_dir) not in (record.dir, getattr(record, "archive_dir", None)):
             skipped += 1  # the config no longer hashes to its folder name
@@ -188,7 +247,7 @@ def collect(results: Path, suite: str | None = None) -> Records:
             if why not in stale[spec.label]:
                 stale[spec.label].append(why)
         s = record.read_summary() or {}
-        epoch_rows = _read_jsonl(_metrics_path(record))
+        epoch_rows = record.read_metrics()
         pretrain = spec.kind == "pretrain"
         identity = spec.identity()
         secs = [_num(r.get("seconds")) for r in epoch_rows]
@@ -199,14 +258,22 @@ def collect(results: Path, suite: str | None = None) -> Records:
         ratios = [x for x in ratios if math.isfinite(x)]
         flops = _num(s.get("flops_per_image"))
         row = {
-            "suite": spec.suite, "kind": spec.kind, "strategy": spec.label, "strategy_name": spec.strategy.name,
-            "ratio": math.nan if spec.ratio is None else float(spec.ratio), "seed": spec.seed,
-            "method": spec.method, "model": spec.model.preset, "epochs": epochs, "run_hash": spec.run_hash,
+            "suite": spec.suite,
+            "kind": spec.kind,
+            "strategy": spec.label,
+            "strategy_name": spec.strategy.name,
+            "ratio": math.nan if spec.ratio is None else float(spec.ratio),
+            "seed": spec.seed,
+            "method": spec.method,
+            "model": spec.model.preset,
+            "epochs": epochs,
+            "run_hash": spec.run_hash,
             "floor_key": _floor_key(identity),
             "epoch_seconds": float(np.mean(secs)) if secs else (train_seconds / epochs if epochs else math.nan),
             "train_seconds": train_seconds if pretrain else math.nan,
             "train_img_per_s": _num(s.get("train_img_per_s")),
-            "wall_seconds": _num(s.get("wall_seconds")), "eval_seconds": _num(s.get("eval_seconds")),
+            "wall_seconds": _num(s.get("wall_seconds")),
+            "eval_seconds": _num(s.get("eval_seconds")),
             "peak_mem_mb": _num(s.get("peak_mem_mb")),
             "gflops_per_image": flops / 1e9 if math.isfinite(flops) else math.nan,
             "plan_share": _num(s.get("plan_share")),
@@ -215,15 +282,22 @@ def collect(results: Path, suite: str | None = None) -> Records:
             "final_loss": _num(s.get("final_loss", epoch_rows[-1].get("loss") if epoch_rows else None)),
         }
         if not pretrain:
-            for k in ("epoch_seconds", "train_img_per_s", "plan_share", "realised_mask_ratio", "final_loss",
-                      "gflops_per_image"):
+            for k in (
+                "epoch_seconds",
+                "train_img_per_s",
+                "plan_share",
+                "realised_mask_ratio",
+                "final_loss",
+                "gflops_per_image",
+            ):
                 row[k] = math.nan
         finals = {k[:-5]: _num(v) for k, v in s.items() if k.endswith("_top1") and math.isfinite(_num(v))}
         row.update({f"{p}_top1": v for p, v in finals.items()})
         rows.append(row)
         fields.append(_variant_fields(identity))
-        key = {k: row[k] for k in ("suite", "kind", "strategy", "ratio", "seed", "method", "model", "epochs",
-                                   "floor_key")}
+        key = {
+            k: row[k] for k in ("suite", "kind", "strategy", "ratio", "seed", "method", "model", "epochs", "floor_key")
+        }
         key["_i"] = len(rows) - 1
         for p, v in finals.items():
             score_rows.append({**key, "protocol": p, "top1": v})
@@ -250,12 +324,27 @@ def collect(results: Path, suite: str | None = None) -> Records:
         raise BenchError(f"no finished runs under {where} (suite {suite if suite is not None else 'any'})")
     runs = pd.DataFrame(rows)
     runs["variant"] = ""
-    for name, idx in runs.groupby("suite").groups.items():
+    for _suite, idx in runs.groupby("suite").groups.items():
         idx = list(idx)
         labels = _variant_labels([fields[i] for i in idx], list(runs.loc[idx, "kind"]))
         runs.loc[idx, "variant"] = labels
-    scores = pd.DataFrame(score_rows, columns=["suite", "kind", "strategy", "ratio", "seed", "method", "model",
-                                               "epochs", "floor_key", "_i", "protocol", "top1"])
+    scores = pd.DataFrame(
+        score_rows,
+        columns=[
+            "suite",
+            "kind",
+            "strategy",
+            "ratio",
+            "seed",
+            "method",
+            "model",
+            "epochs",
+            "floor_key",
+            "_i",
+            "protocol",
+            "top1",
+        ],
+    )
     curves = pd.DataFrame(curve_rows, columns=list(scores.columns[:-1]) + ["epoch", "top1"])
     variants = runs["variant"].to_numpy()
     scores["variant"] = variants[scores["_i"].to_numpy(int)] if len(scores) else ""
@@ -263,7 +352,7 @@ def collect(results: Path, suite: str | None = None) -> Records:
     scores, curves = scores.drop(columns="_i"), curves.drop(columns="_i")
     present = sorted(scores["protocol"].unique(), key=_protocol_key)
     baselines = {s: _baseline_label(g) for s, g in runs.groupby("suite")}
-    return Records(runs, scores, curves, present, interp, skipped, stale, baselines)
+    return Records(runs, scores, curves, present, interp, skipped, damaged, stale, baselines)
 
 
 # ------------------------------------------------------------------------------------ ordering
@@ -315,8 +404,15 @@ def _to_csv(df: pd.DataFrame) -> str:
 def accuracy_table(rec: Records) -> pd.DataFrame:
     """Per (setting, strategy, ratio, protocol): seed statistics, rank among strategies, paired Δ vs the baseline."""
     sc = rec.scores
-    agg = M.aggregate_seeds(sc, CELL + ["protocol"], "top1").rename(columns={
-        "n": "seeds", "mean": "top1_mean", "std": "top1_std", "ci_low": "top1_ci_low", "ci_high": "top1_ci_high"})
+    agg = M.aggregate_seeds(sc, CELL + ["protocol"], "top1").rename(
+        columns={
+            "n": "seeds",
+            "mean": "top1_mean",
+            "std": "top1_std",
+            "ci_low": "top1_ci_low",
+            "ci_high": "top1_ci_high",
+        }
+    )
     pre = agg["strategy"] != FLOOR
     agg["rank"] = pd.Series(pd.NA, index=agg.index, dtype="Int64")
     if pre.any():
@@ -350,8 +446,8 @@ def noise_floor_table(rec: Records) -> pd.DataFrame:
         sd, dof = M.pooled_std(cells)
         base = g[g["strategy"] == rec.baselines[suite]]
         merged = g[g["strategy"] != rec.baselines[suite]].merge(
-            base[SETTING + ["ratio", "seed", "top1"]].rename(columns={"top1": "_b"}),
-            on=SETTING + ["ratio", "seed"])
+            base[SETTING + ["ratio", "seed", "top1"]].rename(columns={"top1": "_b"}), on=SETTING + ["ratio", "seed"]
+        )
         merged["_d"] = merged["top1"] - merged["_b"]
         diffs = [c["_d"].to_numpy() for _, c in merged.groupby(CELL, dropna=False)]
         dsd, ddof = M.pooled_std(diffs)
@@ -362,9 +458,18 @@ def noise_floor_table(rec: Records) -> pd.DataFrame:
             source = ""
         sizes = [len(x) for x in diffs] if ddof else [len(x) for x in cells]
         typical = float(np.median(sizes)) if sizes else math.nan
-        row = {"suite": suite, "protocol": protocol, "cells": sum(len(x) >= 2 for x in cells), "seed_std": sd,
-               "seed_std_dof": dof, "diff_std": dsd, "diff_std_dof": ddof, "diff_std_source": source,
-               "typical_pairs": typical, "min_detectable_delta": M.min_detectable_delta(dsd, typical)}
+        row = {
+            "suite": suite,
+            "protocol": protocol,
+            "cells": sum(len(x) >= 2 for x in cells),
+            "seed_std": sd,
+            "seed_std_dof": dof,
+            "diff_std": dsd,
+            "diff_std_dof": ddof,
+            "diff_std_source": source,
+            "typical_pairs": typical,
+            "min_detectable_delta": M.min_detectable_delta(dsd, typical),
+        }
         for delta in DELTAS:
             row[f"seeds_for_delta_{delta:g}"] = M.seeds_needed(delta, dsd)
         rows.append(row)
@@ -389,10 +494,15 @@ def robustness_tables(rec: Records) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
             per_seed["gp"].append(M.global_pimr(ratios, a))
             per_seed["gpr"].append(M.global_pimr_reference(ratios, a))
             per_seed["auc"].append(M.ratio_auc(ratios, a))
-            seed_rows.append({**dict(zip(SETTING + ["strategy", "protocol"], key)), "seed": seed,
-                              "global_pimr": per_seed["gp"][-1]})
+            seed_rows.append(
+                {
+                    **dict(zip(SETTING + ["strategy", "protocol"], key, strict=True)),
+                    "seed": seed,
+                    "global_pimr": per_seed["gp"][-1],
+                }
+            )
 
-        def summarise(name: str, fallback: float) -> M.SeedStats:
+        def summarise(name: str, fallback: float, per_seed=per_seed) -> M.SeedStats:
             st = M.t_interval(per_seed[name])
             return st if st.n else M.SeedStats(fallback, math.nan, 0, math.nan, math.nan)
 
@@ -400,32 +510,55 @@ def robustness_tables(rec: Records) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
         gpr = summarise("gpr", M.global_pimr_reference(ratios, means))
         auc = summarise("auc", M.ratio_auc(ratios, means))
         r_peak, a_peak = M.peak(ratios, means)
-        curve_rows.append({**dict(zip(SETTING + ["strategy", "protocol"], key)),
-                           "ratios": " ".join(f"{r:g}" for r in ratios), "complete_seeds": len(complete),
-                           "global_pimr_mean": gp.mean, "global_pimr_std": gp.std, "global_pimr_ci_low": gp.ci_low,
-                           "global_pimr_ci_high": gp.ci_high, "global_pimr_ref_mean": gpr.mean,
-                           "global_pimr_ref_ci_low": gpr.ci_low, "global_pimr_ref_ci_high": gpr.ci_high,
-                           "ratio_auc_mean": auc.mean, "ratio_auc_ci_low": auc.ci_low, "ratio_auc_ci_high": auc.ci_high,
-                           "peak_ratio": r_peak, "peak_top1": a_peak, "worst_drop": M.worst_drop(means),
-                           "drop_after_peak": M.drop_after_peak(ratios, means)})
+        curve_rows.append(
+            {
+                **dict(zip(SETTING + ["strategy", "protocol"], key, strict=True)),
+                "ratios": " ".join(f"{r:g}" for r in ratios),
+                "complete_seeds": len(complete),
+                "global_pimr_mean": gp.mean,
+                "global_pimr_std": gp.std,
+                "global_pimr_ci_low": gp.ci_low,
+                "global_pimr_ci_high": gp.ci_high,
+                "global_pimr_ref_mean": gpr.mean,
+                "global_pimr_ref_ci_low": gpr.ci_low,
+                "global_pimr_ref_ci_high": gpr.ci_high,
+                "ratio_auc_mean": auc.mean,
+                "ratio_auc_ci_low": auc.ci_low,
+                "ratio_auc_ci_high": auc.ci_high,
+                "peak_ratio": r_peak,
+                "peak_top1": a_peak,
+                "worst_drop": M.worst_drop(means),
+                "drop_after_peak": M.drop_after_peak(ratios, means),
+            }
+        )
         r0 = wide.columns[0] if len(ratios) else None
         for k, r in enumerate(wide.columns):
             slope = ref = M.SeedStats(math.nan, math.nan, 0, math.nan, math.nan)
             if k >= 1:
                 both = wide[[wide.columns[k - 1], r]].dropna()
-                slope = M.t_interval([M.pimr_slopes([ratios[k - 1], ratios[k]], row.to_numpy(float))[0]
-                                      for _, row in both.iterrows()])
+                slope = M.t_interval(
+                    [M.pimr_slopes([ratios[k - 1], ratios[k]], row.to_numpy(float))[0] for _, row in both.iterrows()]
+                )
                 both = wide[[r0, r]].dropna()
                 ref = M.t_interval((both[r] - both[r0]).to_numpy(float))
-            step_rows.append({**dict(zip(SETTING + ["strategy", "protocol"], key)), "ratio": float(r),
-                              "seeds": int(wide[r].notna().sum()), "top1_mean": float(means[k]),
-                              "pimr_slope": slope.mean, "pimr_slope_ci_low": slope.ci_low,
-                              "pimr_slope_ci_high": slope.ci_high, "pimr_ref": ref.mean if k else 0.0,
-                              "pimr_ref_ci_low": ref.ci_low, "pimr_ref_ci_high": ref.ci_high})
-    rob = _ordered(pd.DataFrame(curve_rows, columns=COLUMNS["ratio_robustness"]), COLUMNS["ratio_robustness"],
-                   rec.baselines)
-    steps = _ordered(pd.DataFrame(step_rows, columns=COLUMNS["pimr_by_ratio"]), COLUMNS["pimr_by_ratio"],
-                     rec.baselines)
+            step_rows.append(
+                {
+                    **dict(zip(SETTING + ["strategy", "protocol"], key, strict=True)),
+                    "ratio": float(r),
+                    "seeds": int(wide[r].notna().sum()),
+                    "top1_mean": float(means[k]),
+                    "pimr_slope": slope.mean,
+                    "pimr_slope_ci_low": slope.ci_low,
+                    "pimr_slope_ci_high": slope.ci_high,
+                    "pimr_ref": ref.mean if k else 0.0,
+                    "pimr_ref_ci_low": ref.ci_low,
+                    "pimr_ref_ci_high": ref.ci_high,
+                }
+            )
+    rob = _ordered(
+        pd.DataFrame(curve_rows, columns=COLUMNS["ratio_robustness"]), COLUMNS["ratio_robustness"], rec.baselines
+    )
+    steps = _ordered(pd.DataFrame(step_rows, columns=COLUMNS["pimr_by_ratio"]), COLUMNS["pimr_by_ratio"], rec.baselines)
     seeds = pd.DataFrame(seed_rows, columns=SETTING + ["strategy", "protocol", "seed", "global_pimr"])
     return rob, steps, seeds
 
@@ -435,8 +568,11 @@ def seed_curves(rec: Records) -> pd.DataFrame:
     cur = rec.curves
     floor = rec.scores[rec.scores["kind"] == "random_init"]
     if len(cur) and len(floor):
-        f = floor[["floor_key", "seed", "protocol", "top1"]].groupby(["floor_key", "seed", "protocol"],
-                                                                     as_index=False).mean()
+        f = (
+            floor[["floor_key", "seed", "protocol", "top1"]]
+            .groupby(["floor_key", "seed", "protocol"], as_index=False)
+            .mean()
+        )
         starts = cur.drop_duplicates(CELL + ["seed", "protocol"]).drop(columns=["epoch", "top1"])
         starts = starts.merge(f, on=["floor_key", "seed", "protocol"])
         starts["epoch"] = 0.0
@@ -453,12 +589,16 @@ def convergence_table(rec: Records, curves: pd.DataFrame) -> pd.DataFrame:
     mean_curves = {key: M.mean_curve(g) for key, g in groups.items()}
     finals = rec.scores[rec.scores["kind"] == "pretrain"].groupby(CELL + ["protocol"])["top1"].mean()
     for key, mc in mean_curves.items():
-        cell = dict(zip(CELL + ["protocol"], key))
+        cell = dict(zip(CELL + ["protocol"], key, strict=True))
         base_label = rec.baselines[cell["suite"]]
         bkey = tuple(cell[k] if k != "strategy" else base_label for k in CELL + ["protocol"])
         notes = []
-        row = {**cell, "seeds": int(groups[key]["seed"].nunique()),
-               "eval_epochs": " ".join(f"{e:g}" for e in mc["epoch"]), "final_top1": finals.get(key, math.nan)}
+        row = {
+            **cell,
+            "seeds": int(groups[key]["seed"].nunique()),
+            "eval_epochs": " ".join(f"{e:g}" for e in mc["epoch"]),
+            "final_top1": finals.get(key, math.nan),
+        }
         b_final = finals.get(bkey, math.nan)
         bc = mean_curves.get(bkey)
         row["baseline_final_top1"] = b_final
@@ -501,8 +641,9 @@ def legacy_leaderboard(rec: Records) -> pd.DataFrame:
 
 def legacy_columns(protocols: Sequence[str]) -> list[str]:
     protos = sorted(set(protocols) | {"probe", "knn"}, key=_protocol_key)
-    return LEGACY_KEYS + [f"{m}_{s}" for m in [f"{p}_top1" for p in protos] + list(LEGACY_METRICS)
-                          for s in ("mean", "std")]
+    return LEGACY_KEYS + [
+        f"{m}_{s}" for m in [f"{p}_top1" for p in protos] + list(LEGACY_METRICS) for s in ("mean", "std")
+    ]
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -511,8 +652,13 @@ def legacy_columns(protocols: Sequence[str]) -> list[str]:
 def _style() -> dict[str, Any]:
     import seaborn as sns
 
-    return {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"), "font.family": "DejaVu Sans",
-            "svg.hashsalt": "masking_bench", "path.simplify": True}
+    return {
+        **sns.axes_style("whitegrid"),
+        **sns.plotting_context("paper"),
+        "font.family": "DejaVu Sans",
+        "svg.hashsalt": "masking_bench",
+        "path.simplify": True,
+    }
 
 
 def _palette(labels: Sequence[str]) -> dict[str, Any]:
@@ -554,13 +700,21 @@ def _legend(fig, handles_labels: dict[str, Any], first: Sequence[str]) -> None:
     """One legend below the panels: strategies in their fixed order, then the other artists."""
     keys = [k for k in first if k in handles_labels] + [k for k in handles_labels if k not in first]
     if keys:
-        fig.legend([handles_labels[k] for k in keys], keys, loc="outside lower center", ncols=min(len(keys), 6),
-                   frameon=False)
+        fig.legend(
+            [handles_labels[k] for k in keys], keys, loc="outside lower center", ncols=min(len(keys), 6), frameon=False
+        )
 
 
 class _Plots:
-    def __init__(self, rec: Records, acc: pd.DataFrame, rob_seeds: pd.DataFrame, rob: pd.DataFrame,
-                 curves: pd.DataFrame, comp: pd.DataFrame):
+    def __init__(
+        self,
+        rec: Records,
+        acc: pd.DataFrame,
+        rob_seeds: pd.DataFrame,
+        rob: pd.DataFrame,
+        curves: pd.DataFrame,
+        comp: pd.DataFrame,
+    ):
         self.rec, self.acc, self.rob, self.rob_seeds, self.curves, self.comp = rec, acc, rob, rob_seeds, curves, comp
         pre = acc[acc["strategy"] != FLOOR]
         self.settings = sorted({tuple(r) for r in pre[SETTING].itertuples(index=False)})
@@ -575,7 +729,7 @@ class _Plots:
 
     def _sel(self, df: pd.DataFrame, setting: tuple) -> pd.DataFrame:
         mask = np.ones(len(df), dtype=bool)
-        for c, v in zip(SETTING, setting):
+        for c, v in zip(SETTING, setting, strict=True):
             mask &= (df[c] == v).to_numpy()
         return df[mask]
 
@@ -598,19 +752,30 @@ class _Plots:
                         c = d[d["strategy"] == s].sort_values("ratio")
                         if c.empty:
                             continue
-                        (line,) = ax.plot(c["ratio"], c["top1_mean"], marker="o", ms=3.5, lw=1.5,
-                                          color=self.colors[s])
+                        (line,) = ax.plot(c["ratio"], c["top1_mean"], marker="o", ms=3.5, lw=1.5, color=self.colors[s])
                         handles.setdefault(s, line)
                         lo, hi = _clip(c["top1_ci_low"]), _clip(c["top1_ci_high"])
                         ok = np.isfinite(lo) & np.isfinite(hi)
                         if ok.sum() >= 2:
-                            ax.fill_between(c["ratio"].to_numpy(float)[ok], lo[ok], hi[ok], color=self.colors[s],
-                                            alpha=0.18, lw=0)
+                            ax.fill_between(
+                                c["ratio"].to_numpy(float)[ok], lo[ok], hi[ok], color=self.colors[s], alpha=0.18, lw=0
+                            )
                         elif ok.any():
-                            ax.errorbar(c["ratio"].to_numpy(float)[ok], c["top1_mean"].to_numpy(float)[ok],
-                                        yerr=np.abs(np.vstack([c["top1_mean"].to_numpy(float)[ok] - lo[ok],
-                                                               hi[ok] - c["top1_mean"].to_numpy(float)[ok]])),
-                                        fmt="none", ecolor=self.colors[s], capsize=2)
+                            ax.errorbar(
+                                c["ratio"].to_numpy(float)[ok],
+                                c["top1_mean"].to_numpy(float)[ok],
+                                yerr=np.abs(
+                                    np.vstack(
+                                        [
+                                            c["top1_mean"].to_numpy(float)[ok] - lo[ok],
+                                            hi[ok] - c["top1_mean"].to_numpy(float)[ok],
+                                        ]
+                                    )
+                                ),
+                                fmt="none",
+                                ecolor=self.colors[s],
+                                capsize=2,
+                            )
                     fv = self.floor.get((self.floor_keys.get(setting), p))
                     if fv is not None and d.shape[0]:
                         hl = ax.axhline(fv, color="0.35", ls="--", lw=1)
@@ -654,8 +819,9 @@ class _Plots:
                         lo, hi = _clip([x.ci_low for x in ci]), _clip([x.ci_high for x in ci])
                         ok = np.isfinite(lo) & np.isfinite(hi)
                         if ok.sum() >= 2:
-                            ax.fill_between(mc["epoch"].to_numpy(float)[ok], lo[ok], hi[ok], color=self.colors[s],
-                                            alpha=0.15, lw=0)
+                            ax.fill_between(
+                                mc["epoch"].to_numpy(float)[ok], lo[ok], hi[ok], color=self.colors[s], alpha=0.15, lw=0
+                            )
                     if d.empty:
                         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
                     title = f"{p}, ratio {ratio:g}"
@@ -689,10 +855,18 @@ class _Plots:
                         r = d[d["strategy"] == s].iloc[0]
                         ax.bar(x, r["global_pimr_mean"], color=self.colors[s], width=0.7, alpha=0.85)
                         if math.isfinite(r["global_pimr_ci_low"]):
-                            ax.errorbar(x, r["global_pimr_mean"],
-                                        yerr=[[r["global_pimr_mean"] - r["global_pimr_ci_low"]],
-                                              [r["global_pimr_ci_high"] - r["global_pimr_mean"]]],
-                                        fmt="none", ecolor="0.15", capsize=3, lw=1)
+                            ax.errorbar(
+                                x,
+                                r["global_pimr_mean"],
+                                yerr=[
+                                    [r["global_pimr_mean"] - r["global_pimr_ci_low"]],
+                                    [r["global_pimr_ci_high"] - r["global_pimr_mean"]],
+                                ],
+                                fmt="none",
+                                ecolor="0.15",
+                                capsize=3,
+                                lw=1,
+                            )
                         sp = pts[(pts["strategy"] == s) & (pts["protocol"] == p)].sort_values("seed")
                         if len(sp):
                             off = np.linspace(-0.18, 0.18, len(sp)) if len(sp) > 1 else np.zeros(1)
@@ -702,8 +876,9 @@ class _Plots:
                     ax.set_title(_title(p, setting, self.many), fontsize=9)
                     ax.set_xlabel("strategy")
                     ax.set_ylabel("Global PIMR (top-1 points / +10 % mask)")
-            fig.suptitle("Global PIMR, slope reading [INTERP]\nbar = mean, whisker = 95 % t-CI, dots = seeds",
-                         fontsize=10)
+            fig.suptitle(
+                "Global PIMR, slope reading [INTERP]\nbar = mean, whisker = 95 % t-CI, dots = seeds", fontsize=10
+            )
             _save(fig, path)
         return None
 
@@ -720,8 +895,11 @@ class _Plots:
         d = d[np.isfinite(d[xcol].to_numpy(float))]
         if d.empty:
             return "no compute measurements (flops_per_image or train_seconds) in the summaries"
-        xlabel = ("training GFLOPs per image (forward + backward)" if use_flops
-                  else "pre-training time per run (s, this machine)")
+        xlabel = (
+            "training GFLOPs per image (forward + backward)"
+            if use_flops
+            else "pre-training time per run (s, this machine)"
+        )
         protos = [p for p in self.rec.protocols if (d["protocol"] == p).any()]
         settings = [s for s in self.settings if len(self._sel(d, s))]
         with matplotlib.rc_context(_style()):
@@ -739,12 +917,28 @@ class _Plots:
                         h = ax.scatter(cs[xcol], cs["top1_mean"], s=22, color=self.colors[s], zorder=3)
                         handles.setdefault(s, h)
                         for _, r in cs.iterrows():
-                            ax.annotate(f"{r['ratio']:g}", (r[xcol], r["top1_mean"]), xytext=(3, 3),
-                                        textcoords="offset points", fontsize=6, color="0.25")
+                            ax.annotate(
+                                f"{r['ratio']:g}",
+                                (r[xcol], r["top1_mean"]),
+                                xytext=(3, 3),
+                                textcoords="offset points",
+                                fontsize=6,
+                                color="0.25",
+                            )
                     front = c[M.pareto_front(c[xcol], c["top1_mean"])].sort_values(xcol)
                     if len(front):
-                        (fl,) = ax.plot(front[xcol], front["top1_mean"], color="0.3", lw=1, ls=":", marker="o",
-                                        ms=8, mfc="none", drawstyle="steps-post", zorder=2)
+                        (fl,) = ax.plot(
+                            front[xcol],
+                            front["top1_mean"],
+                            color="0.3",
+                            lw=1,
+                            ls=":",
+                            marker="o",
+                            ms=8,
+                            mfc="none",
+                            drawstyle="steps-post",
+                            zorder=2,
+                        )
                         handles.setdefault("Pareto front", fl)
                     ax.set_title(_title(p, setting, self.many), fontsize=9)
                     ax.set_xlabel(xlabel)
@@ -776,7 +970,10 @@ def _ci(lo: Any, hi: Any, digits: int = 2) -> str:
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     if not rows:
         return "_(no rows)_\n"
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+
+    def esc(cell: Any) -> str:
+        return str(cell).replace("|", "\\|")
+
     out = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(out) + "\n"
@@ -786,32 +983,55 @@ def _ratio(v: Any) -> str:
     return "–" if not isinstance(v, (int, float)) or not math.isfinite(v) else f"{v:g}"
 
 
-def _markdown(rec: Records, acc: pd.DataFrame, noise: pd.DataFrame, rob: pd.DataFrame, conv: pd.DataFrame,
-              comp: pd.DataFrame, plot_notes: dict[str, str | None]) -> str:
+def _markdown(
+    rec: Records,
+    acc: pd.DataFrame,
+    noise: pd.DataFrame,
+    rob: pd.DataFrame,
+    conv: pd.DataFrame,
+    comp: pd.DataFrame,
+    plot_notes: dict[str, str | None],
+) -> str:
     pre = acc[acc["strategy"] != FLOOR]
     settings = sorted({tuple(r) for r in pre[SETTING].itertuples(index=False)})
     many = len(settings) > 1
     n_runs = len(rec.runs)
     suites = sorted(rec.runs["suite"].unique())
-    lines = ["# masking_bench report", "",
-             f"Generated from {n_runs} finished run(s) in suite(s) {', '.join(suites)} "
-             f"({int((rec.runs['kind'] == 'pretrain').sum())} pre-training, "
-             f"{int((rec.runs['kind'] == 'random_init').sum())} untrained-encoder floor). "
-             "Top-1 in %, mean over seeds with a 95 % Student-t interval; Δ = paired by seed against the "
-             f"`{BASELINE}` strategy of the same suite, method, ratio and epochs. "
-             "Column definitions: docs/report_columns.md.", ""]
+    lines = [
+        "# masking_bench report",
+        "",
+        f"Generated from {n_runs} finished run(s) in suite(s) {', '.join(suites)} "
+        f"({int((rec.runs['kind'] == 'pretrain').sum())} pre-training, "
+        f"{int((rec.runs['kind'] == 'random_init').sum())} untrained-encoder floor). "
+        "Top-1 in %, mean over seeds with a 95 % Student-t interval; Δ = paired by seed against the "
+        f"`{BASELINE}` strategy of the same suite, method, ratio and epochs. "
+        "Column definitions: docs/report_columns.md.",
+        "",
+    ]
     if rec.skipped:
-        lines += [f"Skipped {rec.skipped} run folder(s) whose config.yaml no longer hashes to the folder name "
-                  "(edited by hand or written by an older schema).", ""]
+        lines += [
+            f"Skipped {rec.skipped} run folder(s) whose config.yaml no longer hashes to the folder name "
+            "(edited by hand or written by an older schema).",
+            "",
+        ]
+    if rec.damaged:
+        lines += [
+            f"Skipped {len(rec.damaged)} damaged record(s): " + ", ".join(f"`{p}`" for p in rec.damaged) + ".",
+            "",
+        ]
     if rec.stale:
-        lines += ["**Stale rows** ([STALE]): these strategies' runs were made by code that has changed since "
-                  "(`python -m masking_bench status` names the runs; `run` retrains them, `certify` re-stamps them "
-                  "when a rerun proves the numbers unchanged): "
-                  + "; ".join(f"`{s}`: {', '.join(w)}" for s, w in sorted(rec.stale.items())) + ".", ""]
+        lines += [
+            "**Stale rows** ([STALE]): these strategies' runs were made by code that has changed since "
+            "(`python -m masking_bench status` names the runs; `run` retrains them, `certify` re-stamps them "
+            "when a rerun proves the numbers unchanged): "
+            + "; ".join(f"`{s}`: {', '.join(w)}" for s, w in sorted(rec.stale.items()))
+            + ".",
+            "",
+        ]
     # ---- summary
     lines += ["## Summary", ""]
     for setting in settings:
-        sub = pre[(pre[SETTING] == pd.Series(dict(zip(SETTING, setting)))).all(axis=1)]
+        sub = pre[(pre[SETTING] == pd.Series(dict(zip(SETTING, setting, strict=True)))).all(axis=1)]
         if many:
             lines += [f"**{_setting_label(setting, True)}**", ""]
         for p in sorted(sub["protocol"].unique(), key=_protocol_key):
@@ -821,71 +1041,115 @@ def _markdown(rec: Records, acc: pd.DataFrame, noise: pd.DataFrame, rob: pd.Data
             best = d.sort_values(["top1_mean", "strategy", "ratio"], ascending=[False, True, True]).iloc[0]
             delta = ""
             if math.isfinite(best["delta_mean"]):
-                delta = (f"; Δ vs {BASELINE} {_f(best['delta_mean'], signed=True)}"
-                         f"{_ci(best['delta_ci_low'], best['delta_ci_high'])}"
-                         + (" (outside seed noise)" if best["outside_noise"] else " (within seed noise)"))
-            lines.append(f"- best on **{p}**: `{best['strategy']}` at ratio {_ratio(best['ratio'])}: "
-                         f"{_f(best['top1_mean'])}{_ci(best['top1_ci_low'], best['top1_ci_high'])} "
-                         f"(n={int(best['seeds'])}){delta}")
+                delta = (
+                    f"; Δ vs {BASELINE} {_f(best['delta_mean'], signed=True)}"
+                    f"{_ci(best['delta_ci_low'], best['delta_ci_high'])}"
+                    + (" (outside seed noise)" if best["outside_noise"] else " (within seed noise)")
+                )
+            lines.append(
+                f"- best on **{p}**: `{best['strategy']}` at ratio {_ratio(best['ratio'])}: "
+                f"{_f(best['top1_mean'])}{_ci(best['top1_ci_low'], best['top1_ci_high'])} "
+                f"(n={int(best['seeds'])}){delta}"
+            )
         lines.append("")
     tested = pre[pre["delta_pairs"].fillna(0) >= 2]
     out = tested[tested["outside_noise"]]
     if len(tested) == 0:
         lines += [f"No Δ vs `{BASELINE}` could be tested (needs the `{BASELINE}` strategy and ≥ 2 shared seeds).", ""]
     elif out.empty:
-        lines += [f"No Δ vs `{BASELINE}` is outside the seed noise: all {len(tested)} paired 95 % intervals "
-                  "include 0.", ""]
+        lines += [
+            f"No Δ vs `{BASELINE}` is outside the seed noise: all {len(tested)} paired 95 % intervals include 0.",
+            "",
+        ]
     else:
-        lines += [f"Δ vs `{BASELINE}` outside the seed noise ({len(out)} of {len(tested)} tested cells; paired "
-                  "95 % t-interval excludes 0):", ""]
+        lines += [
+            f"Δ vs `{BASELINE}` outside the seed noise ({len(out)} of {len(tested)} tested cells; paired "
+            "95 % t-interval excludes 0):",
+            "",
+        ]
         for _, r in out.iterrows():
             where = f" [{_setting_label(tuple(r[SETTING]), True)}]" if many else ""
-            lines.append(f"- `{r['strategy']}` ratio {_ratio(r['ratio'])}, {r['protocol']}: "
-                         f"{_f(r['delta_mean'], signed=True)}{_ci(r['delta_ci_low'], r['delta_ci_high'])} "
-                         f"points over {int(r['delta_pairs'])} seeds{where}")
+            lines.append(
+                f"- `{r['strategy']}` ratio {_ratio(r['ratio'])}, {r['protocol']}: "
+                f"{_f(r['delta_mean'], signed=True)}{_ci(r['delta_ci_low'], r['delta_ci_high'])} "
+                f"points over {int(r['delta_pairs'])} seeds{where}"
+            )
         lines.append("")
     interp = sorted(s for s, v in rec.interp.items() if v)
     unknown = sorted(s for s, v in rec.interp.items() if v is None)
     if interp:
-        lines.append("Strategies that are interpretations ([INTERP]: the source does not fully specify them, "
-                     f"the benchmark chose a reading — see their `source`): {', '.join(f'`{s}`' for s in interp)}.")
+        lines.append(
+            "Strategies that are interpretations ([INTERP]: the source does not fully specify them, "
+            f"the benchmark chose a reading — see their `source`): {', '.join(f'`{s}`' for s in interp)}."
+        )
     else:
         lines.append("No strategy in these results is an interpretation ([INTERP]).")
     if unknown:
         lines.append(f"(No strategy_info recorded for {', '.join(f'`{s}`' for s in unknown)}.)")
-    lines += ["PIMR, Global PIMR, RAUC and epochs-to-convergence are [INTERP] formulas "
-              "(named by SBAM / MTO, not defined there); see docs/report_columns.md.", ""]
+    lines += [
+        "PIMR, Global PIMR, RAUC and epochs-to-convergence are [INTERP] formulas "
+        "(named by SBAM / MTO, not defined there); see docs/report_columns.md.",
+        "",
+    ]
     # ---- noise floor
-    lines += ["## Noise floor", "",
-              "Pooled seed-to-seed std of one run, std of paired differences vs the baseline, and the seeds "
-              "needed to detect a Δ at 95 % confidence with 80 % power (normal approximation).", ""]
+    lines += [
+        "## Noise floor",
+        "",
+        "Pooled seed-to-seed std of one run, std of paired differences vs the baseline, and the seeds "
+        "needed to detect a Δ at 95 % confidence with 80 % power (normal approximation).",
+        "",
+    ]
     rows = []
     for _, r in noise.iterrows():
         diff = _f(r["diff_std"]) + (" (√2·seed std)" if r["diff_std_source"] == "sqrt2_seed_std" else "")
         needed = [r[f"seeds_for_delta_{d:g}"] for d in DELTAS]
-        rows.append([r["suite"], r["protocol"], _f(r["seed_std"]), diff, _f(r["min_detectable_delta"])]
-                    + ["–" if pd.isna(n) else str(int(n)) for n in needed])
-    lines.append(_md_table(["suite", "protocol", "seed std", "paired-diff std", "detectable Δ now"]
-                           + [f"seeds for Δ={d:g}" for d in DELTAS], rows))
+        rows.append(
+            [r["suite"], r["protocol"], _f(r["seed_std"]), diff, _f(r["min_detectable_delta"])]
+            + ["–" if pd.isna(n) else str(int(n)) for n in needed]
+        )
+    lines.append(
+        _md_table(
+            ["suite", "protocol", "seed std", "paired-diff std", "detectable Δ now"]
+            + [f"seeds for Δ={d:g}" for d in DELTAS],
+            rows,
+        )
+    )
     # ---- plots
     lines += ["## Plots", ""]
-    titles = {"accuracy_vs_ratio": "Top-1 vs masking ratio", "convergence": "Convergence",
-              "pimr": "Global PIMR", "pareto": "Accuracy vs compute"}
+    titles = {
+        "accuracy_vs_ratio": "Top-1 vs masking ratio",
+        "convergence": "Convergence",
+        "pimr": "Global PIMR",
+        "pareto": "Accuracy vs compute",
+    }
     for name in PLOTS:
         note = plot_notes.get(name)
-        lines += [f"### {titles[name]}", "",
-                  f"_plot skipped: {note}_" if note else f"![{titles[name]}](plots/{name}.png)", ""]
+        lines += [
+            f"### {titles[name]}",
+            "",
+            f"_plot skipped: {note}_" if note else f"![{titles[name]}](plots/{name}.png)",
+            "",
+        ]
     # ---- tables
     protos = rec.protocols
     for setting in settings:
-        sel = lambda df: df[(df[SETTING] == pd.Series(dict(zip(SETTING, setting)))).all(axis=1)]  # noqa: E731
+
+        def sel(df: pd.DataFrame, setting=setting) -> pd.DataFrame:
+            return df[(df[SETTING] == pd.Series(dict(zip(SETTING, setting, strict=True)))).all(axis=1)]
+
         head = f" — {_setting_label(setting, True)}" if many else ""
-        lines += [f"## Accuracy{head}", "",
-                  "mean [95 % CI] over seeds; Δ = paired difference to the baseline, * = outside seed noise.", ""]
+        lines += [
+            f"## Accuracy{head}",
+            "",
+            "mean [95 % CI] over seeds; Δ = paired difference to the baseline, * = outside seed noise.",
+            "",
+        ]
         a = sel(acc[acc["strategy"] != FLOOR])
         rows = []
-        pre_runs = rec.runs[(rec.runs[SETTING] == pd.Series(dict(zip(SETTING, setting)))).all(axis=1)
-                            & (rec.runs["kind"] == "pretrain")]
+        pre_runs = rec.runs[
+            (rec.runs[SETTING] == pd.Series(dict(zip(SETTING, setting, strict=True)))).all(axis=1)
+            & (rec.runs["kind"] == "pretrain")
+        ]
         fsc = rec.scores[(rec.scores["kind"] == FLOOR) & rec.scores["floor_key"].isin(set(pre_runs["floor_key"]))]
         if len(fsc):
             cells = []
@@ -902,41 +1166,122 @@ def _markdown(rec: Records, acc: pd.DataFrame, noise: pd.DataFrame, rob: pd.Data
                     continue
                 x = x.iloc[0]
                 cells.append(_f(x["top1_mean"]) + _ci(x["top1_ci_low"], x["top1_ci_high"]))
-                cells.append("" if not math.isfinite(x["delta_mean"]) else
-                             _f(x["delta_mean"], signed=True) + ("*" if x["outside_noise"] else ""))
+                cells.append(
+                    ""
+                    if not math.isfinite(x["delta_mean"])
+                    else _f(x["delta_mean"], signed=True) + ("*" if x["outside_noise"] else "")
+                )
             mark = (" [INTERP]" if rec.interp.get(s) else "") + (" [STALE]" if s in rec.stale else "")
             rows.append([s + mark, _ratio(r), str(int(g["seeds"].max()))] + cells)
         lines.append(_md_table(["strategy", "ratio", "seeds"] + [h for p in protos for h in (p, f"Δ {p}")], rows))
         rb = sel(rob)
-        lines += [f"## Ratio robustness{head}", "",
-                  "Global PIMR in top-1 points per +10 % masking (slope reading; ref = mean of A(r) − A(r_min)); "
-                  "AUC = mean top-1 over the ratio range.", ""]
-        lines.append(_md_table(
-            ["strategy", "protocol", "ratios", "Global PIMR", "Global PIMR (ref)", "AUC over ratio", "peak ratio",
-             "worst drop", "drop after peak"],
-            [[r["strategy"], r["protocol"], r["ratios"], _f(r["global_pimr_mean"], signed=True)
-              + _ci(r["global_pimr_ci_low"], r["global_pimr_ci_high"]),
-              _f(r["global_pimr_ref_mean"], signed=True), _f(r["ratio_auc_mean"]), _ratio(r["peak_ratio"]),
-              _f(r["worst_drop"]), _f(r["drop_after_peak"])] for _, r in rb.iterrows()]))
+        lines += [
+            f"## Ratio robustness{head}",
+            "",
+            "Global PIMR in top-1 points per +10 % masking (slope reading; ref = mean of A(r) − A(r_min)); "
+            "AUC = mean top-1 over the ratio range.",
+            "",
+        ]
+        lines.append(
+            _md_table(
+                [
+                    "strategy",
+                    "protocol",
+                    "ratios",
+                    "Global PIMR",
+                    "Global PIMR (ref)",
+                    "AUC over ratio",
+                    "peak ratio",
+                    "worst drop",
+                    "drop after peak",
+                ],
+                [
+                    [
+                        r["strategy"],
+                        r["protocol"],
+                        r["ratios"],
+                        _f(r["global_pimr_mean"], signed=True) + _ci(r["global_pimr_ci_low"], r["global_pimr_ci_high"]),
+                        _f(r["global_pimr_ref_mean"], signed=True),
+                        _f(r["ratio_auc_mean"]),
+                        _ratio(r["peak_ratio"]),
+                        _f(r["worst_drop"]),
+                        _f(r["drop_after_peak"]),
+                    ]
+                    for _, r in rb.iterrows()
+                ],
+            )
+        )
         cv = sel(conv)
-        lines += [f"## Convergence{head}", "",
-                  f"Epochs to reach 95 / 99 / 100 % of `{BASELINE}`'s final top-1 at the same ratio (linear "
-                  "interpolation between evaluations; – = not reached), reduction = 1 − E/E_full, RAUC vs "
-                  f"`{BASELINE}`.", ""]
-        lines.append(_md_table(
-            ["strategy", "ratio", "protocol", "eval epochs", "final", "E95", "E99", "E100", "reduction (100 %)",
-             "RAUC", "RAUC_norm"],
-            [[r["strategy"], _ratio(r["ratio"]), r["protocol"], r["eval_epochs"], _f(r["final_top1"]),
-              _f(r["epochs_to_95"], 1), _f(r["epochs_to_99"], 1), _f(r["epochs_to_100"], 1),
-              _f(r["reduction_100"]), _f(r["rauc"], 3), _f(r["rauc_norm"], 3)] for _, r in cv.iterrows()]))
+        lines += [
+            f"## Convergence{head}",
+            "",
+            f"Epochs to reach 95 / 99 / 100 % of `{BASELINE}`'s final top-1 at the same ratio (linear "
+            "interpolation between evaluations; – = not reached), reduction = 1 − E/E_full, RAUC vs "
+            f"`{BASELINE}`.",
+            "",
+        ]
+        lines.append(
+            _md_table(
+                [
+                    "strategy",
+                    "ratio",
+                    "protocol",
+                    "eval epochs",
+                    "final",
+                    "E95",
+                    "E99",
+                    "E100",
+                    "reduction (100 %)",
+                    "RAUC",
+                    "RAUC_norm",
+                ],
+                [
+                    [
+                        r["strategy"],
+                        _ratio(r["ratio"]),
+                        r["protocol"],
+                        r["eval_epochs"],
+                        _f(r["final_top1"]),
+                        _f(r["epochs_to_95"], 1),
+                        _f(r["epochs_to_99"], 1),
+                        _f(r["epochs_to_100"], 1),
+                        _f(r["reduction_100"]),
+                        _f(r["rauc"], 3),
+                        _f(r["rauc_norm"], 3),
+                    ]
+                    for _, r in cv.iterrows()
+                ],
+            )
+        )
         cp = sel(comp[comp["strategy"] != FLOOR])
         lines += [f"## Compute{head}", "", "Means over seeds.", ""]
-        lines.append(_md_table(
-            ["strategy", "ratio", "s / epoch", "img / s", "peak MB", "GFLOPs / img", "plan share",
-             "realised ratio"],
-            [[r["strategy"], _ratio(r["ratio"]), _f(r["epoch_seconds_mean"]), _f(r["train_img_per_s_mean"], 0),
-              _f(r["peak_mem_mb_mean"], 0), _f(r["gflops_per_image_mean"], 4), _f(r["plan_share_mean"], 3),
-              _f(r["realised_mask_ratio_mean"], 3)] for _, r in cp.iterrows()]))
+        lines.append(
+            _md_table(
+                [
+                    "strategy",
+                    "ratio",
+                    "s / epoch",
+                    "img / s",
+                    "peak MB",
+                    "GFLOPs / img",
+                    "plan share",
+                    "realised ratio",
+                ],
+                [
+                    [
+                        r["strategy"],
+                        _ratio(r["ratio"]),
+                        _f(r["epoch_seconds_mean"]),
+                        _f(r["train_img_per_s_mean"], 0),
+                        _f(r["peak_mem_mb_mean"], 0),
+                        _f(r["gflops_per_image_mean"], 4),
+                        _f(r["plan_share_mean"], 3),
+                        _f(r["realised_mask_ratio_mean"], 3),
+                    ]
+                    for _, r in cp.iterrows()
+                ],
+            )
+        )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -946,19 +1291,30 @@ def _markdown(rec: Records, acc: pd.DataFrame, noise: pd.DataFrame, rob: pd.Data
 def write_report(results: Path, suite: str | None = None, out_dir: Path | None = None) -> Path:
     """Write the leaderboards, plots and ``report.md`` into ``out_dir`` (default ``results``); returns report.md.
 
-    Raises :class:`BenchError` when there is no finished run to report on.
+    Raises :class:`BenchError` when there is no finished run to report on. Leftovers of an
+    interrupted earlier report (temporary files) are removed first.
     """
     results = Path(results)
-    rec = collect(results, suite)
     out = Path(out_dir) if out_dir is not None else results
+    for folder in (out, out / "leaderboards", out / "plots"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+    rec = collect(results, suite)
     acc = accuracy_table(rec)
     noise = noise_floor_table(rec)
     rob, steps, rob_seeds = robustness_tables(rec)
     curves = seed_curves(rec)
     conv = convergence_table(rec, curves)
     comp = compute_table(rec)
-    tables = {"accuracy": acc, "noise_floor": noise, "ratio_robustness": rob, "pimr_by_ratio": steps,
-              "convergence": conv, "compute": comp}
+    tables = {
+        "accuracy": acc,
+        "noise_floor": noise,
+        "ratio_robustness": rob,
+        "pimr_by_ratio": steps,
+        "convergence": conv,
+        "compute": comp,
+    }
     for name, df in tables.items():
         atomic_write_text(out / "leaderboards" / f"{name}.csv", _to_csv(df))
     atomic_write_text(out / "leaderboard.csv", _to_csv(legacy_leaderboard(rec)))

@@ -19,8 +19,7 @@ from .config import RunSpec
 from .store import RunRecord
 
 STATE_ORDER = ("done", "stale", "running", "pending", "failed")
-_SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE")
+_SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 def run_rows(specs: list[RunSpec], results: Path) -> list[dict[str, Any]]:
@@ -35,14 +34,32 @@ def run_rows(specs: list[RunSpec], results: Path) -> list[dict[str, Any]]:
         stale = record.stale_reason() if state == "done" else None
         if stale:
             state = "stale"  # finished, by code that has changed since: `run` retrains it
+        if state == "running" and not st.get("job_id") and not record.holder_alive():
+            # a local run's status outlived its process (kill -9, full disk, power): nobody holds the lock
+            state = "pending"
+            st = {
+                **st,
+                "note": f"interrupted (was running as pid {st.get('pid', '?')} on {st.get('host', '?')}; "
+                "no process holds its lock): `run` resumes it from its last epoch",
+            }
         epochs = spec.train.epochs if spec.kind == "pretrain" else 0
         done_epochs = min(len(record.read_metrics()), epochs) if epochs else 0
-        rows.append({"hash": spec.run_hash, "run": spec.short(), "state": state,
-                     "epochs": f"{done_epochs}/{epochs}" if epochs else "-",
-                     "job_id": st.get("job_id") or "", "restarts": st.get("restarts", 0),
-                     "reason": st.get("reason", "") if state == "failed" else stale if stale else
-                     ("archived record (results/records)" if st.get("archived") else st.get("note", "")),
-                     "updated": st.get("updated", "")})
+        rows.append(
+            {
+                "hash": spec.run_hash,
+                "run": spec.short(),
+                "state": state,
+                "epochs": f"{done_epochs}/{epochs}" if epochs else "-",
+                "job_id": st.get("job_id") or "",
+                "restarts": st.get("restarts", 0),
+                "reason": st.get("reason", "")
+                if state == "failed"
+                else stale
+                if stale
+                else ("archived record (results/records)" if st.get("archived") else st.get("note", "")),
+                "updated": st.get("updated", ""),
+            }
+        )
     return rows
 
 
@@ -52,8 +69,12 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     if not ids or shutil.which("sacct") is None:
         return {}
     try:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return {}
     if out.returncode != 0:
@@ -75,23 +96,22 @@ def annotate_with_slurm(rows: list[dict[str, Any]]) -> bool:
         sstate = states.get(row["job_id"], "")
         row["slurm"] = sstate
         if row["state"] in ("pending", "running") and sstate in _SLURM_ENDED:
-            row["reason"] = (f"job {row['job_id']} ended {sstate} without finishing the run; "
-                             f"the next `run` resubmits it")
+            row["reason"] = f"job {row['job_id']} ended {sstate} without finishing the run; the next `run` resubmits it"
     return True
 
 
 def format_status(rows: list[dict[str, Any]], suite: str, where: Path, with_slurm: bool = False) -> str:
     counts = {s: sum(r["state"] == s for r in rows) for s in STATE_ORDER}
-    head = (f"suite '{suite}': {len(rows)} runs - " + ", ".join(f"{n} {s}" for s, n in counts.items())
-            + f"  ({where})")
+    head = f"suite '{suite}': {len(rows)} runs - " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"  ({where})"
     cols = ["hash", "run", "state", "epochs", "job_id"] + (["slurm"] if with_slurm else []) + ["restarts"]
     titles = {"hash": "run hash", "job_id": "job", "restarts": "requeued"}
     table = [[titles.get(c, c) for c in cols] + ["reason / note"]]
     for r in rows:
-        table.append([str(r.get(c, "")) if c != "restarts" else (str(r[c]) if r[c] else "") for c in cols]
-                     + [r["reason"]])
+        table.append(
+            [str(r.get(c, "")) if c != "restarts" else (str(r[c]) if r[c] else "") for c in cols] + [r["reason"]]
+        )
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     lines = [head]
     for line in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1])
     return "\n".join(line.rstrip() for line in lines)

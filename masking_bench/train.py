@@ -13,9 +13,10 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from .fingerprint import code_fingerprint
 from .masking import MaskingStrategy, MaskPlan, PlanContext, build_strategy, load_plugin
 from .models import MIMViT, build_model, explicit_attention
 from .precision import check_on_device
-from .store import RunRecord, atomic_write_bytes
+from .store import RunRecord, atomic_write_bytes, warn
 
 _DATASETS: dict[tuple, Dataset] = {}
 
@@ -48,8 +49,14 @@ def get_dataset(spec: RunSpec) -> Dataset:
 
 def make_model(spec: RunSpec, dataset: Dataset) -> MIMViT:
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model.preset, spec.method, img_size=dataset.image_size, in_chans=dataset.channels,
-                        norm_pix_loss=spec.train.norm_pix_loss, **spec.model.overrides)
+    model = build_model(
+        spec.model.preset,
+        spec.method,
+        img_size=dataset.image_size,
+        in_chans=dataset.channels,
+        norm_pix_loss=spec.train.norm_pix_loss,
+        **spec.model.overrides,
+    )
     # the loader's normalisation, for strategies whose targets are defined on [0, 1] pixels (misalign)
     model.pixel_mean, model.pixel_std = dataset.mean, dataset.std
     return model
@@ -61,8 +68,7 @@ def make_optimizer(model: MIMViT, spec: RunSpec) -> torch.optim.Optimizer:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": spec.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": spec.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=0.0, betas=spec.train.betas)
 
 
@@ -96,25 +102,50 @@ def versions() -> dict[str, Any]:
 
     from . import __version__
 
-    return {"masking_bench": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version(), "git_commit": _git_commit()}
+    return {
+        "masking_bench": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+    }
 
 
-def _save_checkpoint(record: RunRecord, model, opt, epoch_done: int, code: dict[str, str]) -> None:
+def _save_checkpoint(record: RunRecord, model, opt, epoch_done: int, code: dict[str, str], wall_seconds: float) -> None:
     import io
 
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epochs_done": epoch_done,
-                "code": code}, buf)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epochs_done": epoch_done,
+            "code": code,
+            "wall_seconds": wall_seconds,
+        },
+        buf,
+    )
     atomic_write_bytes(record.checkpoint_path, buf.getvalue())
 
 
 def _load_checkpoint(record: RunRecord, device, code: dict[str, str]) -> dict[str, Any] | None:
-    """The run's last epoch checkpoint, or None when there is none or other code wrote it (a resume
-    must never continue another code's training)."""
-    if not record.checkpoint_path.is_file():
+    """The run's last epoch checkpoint, or None when there is none, it is damaged (set aside as
+    ``checkpoint.pt.damaged`` and named on stderr) or other code wrote it (a resume must never
+    continue another code's training)."""
+    path = record.checkpoint_path
+    if not path.is_file():
         return None
-    state = torch.load(record.checkpoint_path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"model", "optimizer", "epochs_done"} <= set(state):
+            raise ValueError("not a masking_bench checkpoint")
+    except Exception as exc:  # truncated, random bytes, another program's file
+        path.replace(path.with_name(path.name + ".damaged"))
+        warn(
+            f"{path} is damaged ({type(exc).__name__}); set aside as {path.name}.damaged, the run starts "
+            "from its first epoch"
+        )
+        return None
     return state if state.get("code") == code else None
 
 
@@ -151,14 +182,20 @@ def _call_strategy(strategy: MaskingStrategy, what: str, fn: Callable[..., Any],
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise StrategyError(f"strategy '{strategy.name}' (ratio {strategy.ratio:g}) failed in {what}(): "
-                            f"{type(exc).__name__}: {first}") from exc
+        raise StrategyError(
+            f"strategy '{strategy.name}' (ratio {strategy.ratio:g}) failed in {what}(): {type(exc).__name__}: {first}"
+        ) from exc
 
 
-def forward_losses(model: MIMViT, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor,
-                   amp_dtype: torch.dtype | None, dist_info: DistInfo = DistInfo(),
-                   forward: Callable[..., Any] | None = None
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], MaskPlan, float]:
+def forward_losses(
+    model: MIMViT,
+    strategy: MaskingStrategy,
+    ctx: PlanContext,
+    x: torch.Tensor,
+    amp_dtype: torch.dtype | None,
+    dist_info: DistInfo = DistInfo(),
+    forward: Callable[..., Any] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], MaskPlan, float]:
     """Plan on the whole (global) batch, check the plan, then compute this rank's share of the loss.
 
     Returns (loss, named loss terms, the global plan, seconds spent planning). Every rank plans the
@@ -166,8 +203,10 @@ def forward_losses(model: MIMViT, strategy: MaskingStrategy, ctx: PlanContext, x
     of a single-process run with the same global batch.
     """
     explicit = x.device.type == "cpu" and amp_dtype == torch.bfloat16  # SDPA's CPU bf16 backward is slow
-    with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None), \
-            explicit_attention(model, explicit):
+    with (
+        torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+        explicit_attention(model, explicit),
+    ):
         t0 = time.perf_counter()
         plan = _call_strategy(strategy, "plan", strategy.plan, x, ctx)
         t_plan = time.perf_counter() - t0
@@ -180,8 +219,9 @@ def forward_losses(model: MIMViT, strategy: MaskingStrategy, ctx: PlanContext, x
             local = plan.narrow(dist_info.rank * share, share)
             x = x.narrow(0, dist_info.rank * share, share)
         view = local.view if local.view is not None else x
-        out = (forward or model)(view, local.mask, isolate_mask_tokens=local.isolate_mask_tokens,
-                                 record_attention=local.record_attention)
+        out = (forward or model)(
+            view, local.mask, isolate_mask_tokens=local.isolate_mask_tokens, record_attention=local.record_attention
+        )
         terms = _call_strategy(strategy, "losses", strategy.losses, model, out, local, view)
     loss = sum(terms.values())
     return loss, terms, plan, t_plan
@@ -206,9 +246,18 @@ class TrainStep:
     check, backward, gradient clipping and AdamW; on DDP ranks the logged loss is the global mean.
     """
 
-    def __init__(self, spec: RunSpec, model: MIMViT, strategy: MaskingStrategy, opt: torch.optim.Optimizer,
-                 device: torch.device, steps_per_epoch: int, dist_info: DistInfo = DistInfo(),
-                 forward: Callable[..., Any] | None = None, where: str = ""):
+    def __init__(
+        self,
+        spec: RunSpec,
+        model: MIMViT,
+        strategy: MaskingStrategy,
+        opt: torch.optim.Optimizer,
+        device: torch.device,
+        steps_per_epoch: int,
+        dist_info: DistInfo = DistInfo(),
+        forward: Callable[..., Any] | None = None,
+        where: str = "",
+    ):
         self.spec, self.model, self.strategy, self.opt = spec, model, strategy, opt
         self.steps_per_epoch = steps_per_epoch
         self.dist_info = dist_info
@@ -228,12 +277,15 @@ class TrainStep:
         self.gen.manual_seed(mask_seed(spec.seed, epoch, step))
         self.ctx.epoch = epoch
         self.ctx.step = global_step
-        loss, terms, plan, t_plan = forward_losses(self.model, self.strategy, self.ctx, x, self.amp_dtype,
-                                                   self.dist_info, self.forward)
+        loss, terms, plan, t_plan = forward_losses(
+            self.model, self.strategy, self.ctx, x, self.amp_dtype, self.dist_info, self.forward
+        )
         if not torch.isfinite(loss):
             advice = "lower train.base_lr" + (" or set train.amp: none" if self.amp_dtype is not None else "")
-            raise NonFiniteLossError(f"run {spec.run_hash} ({spec.short()}): loss became {loss.item()} at epoch "
-                                     f"{epoch} step {step}{self.where} — {advice}")
+            raise NonFiniteLossError(
+                f"run {spec.run_hash} ({spec.short()}): loss became {loss.item()} at epoch "
+                f"{epoch} step {step}{self.where} — {advice}"
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.clip_grad:
@@ -243,13 +295,16 @@ class TrainStep:
             loss = loss.detach().clone()
             torch.distributed.all_reduce(loss)
             loss /= self.dist_info.world
-        return StepResult(loss.item(), {k: float(v.detach()) for k, v in terms.items()}, lr, t_plan,
-                          plan.realised_ratio().detach())
+        return StepResult(
+            loss.item(), {k: float(v.detach()) for k, v in terms.items()}, lr, t_plan, plan.realised_ratio().detach()
+        )
 
 
-def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | None = None,
-              stop_after_steps: int | None = None) -> dict[str, Any]:
+def train_run(
+    spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | None = None, stop_after_steps: int | None = None
+) -> dict[str, Any] | None:
     """Pre-train (or, for ``random_init``, only evaluate) one run; resume from its checkpoint if any.
+    Returns the run's summary on rank 0, None on the other ranks of a data-parallel run.
 
     ``stop_after_steps`` (tests): raise KeyboardInterrupt after that many optimizer steps, to
     exercise an interruption mid-epoch.
@@ -265,21 +320,42 @@ def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | N
     model = make_model(spec, dataset).to(device)
     t = spec.train
     code = code_fingerprint(spec)
-    summary: dict[str, Any] = {"run_hash": spec.run_hash, "suite": spec.suite, "kind": spec.kind,
-                               "strategy": spec.label, "strategy_name": spec.strategy.name, "ratio": spec.ratio, "seed": spec.seed,
-                               "method": spec.method, "model": spec.model.preset,
-                               "params_encoder": sum(p.numel() for p in model.encoder_parameters()),
-                               "params_total": sum(p.numel() for p in model.parameters()),
-                               "device": str(device), "versions": versions(), "code": {"parts": code}}
-    train_seconds = 0.0
+    summary: dict[str, Any] = {
+        "run_hash": spec.run_hash,
+        "suite": spec.suite,
+        "kind": spec.kind,
+        "strategy": spec.label,
+        "strategy_name": spec.strategy.name,
+        "ratio": spec.ratio,
+        "seed": spec.seed,
+        "method": spec.method,
+        "model": spec.model.preset,
+        "params_encoder": sum(p.numel() for p in model.encoder_parameters()),
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "versions": versions(),
+        "code": {"parts": code},
+    }
+    train_seconds = wall_before = 0.0
     if spec.kind == "pretrain" and t.epochs > 0:
         if spec.precision is None:
             raise BenchError(f"run {spec.run_hash}: no precision planned; build runs with config.expand")
         summary["precision"] = check_on_device(spec.precision, t.amp, device.type)
         strategy = build_strategy(spec.strategy.name, spec.ratio, spec.method, spec.strategy.params)
         summary["strategy_info"] = strategy.describe()
-        train_seconds = _pretrain(spec, record, model, strategy, dataset, device, progress if dist_info.main else None,
-                                  stop_after_steps, dist_info, code)
+        train_seconds, wall_before = _pretrain(
+            spec,
+            record,
+            model,
+            strategy,
+            dataset,
+            device,
+            progress if dist_info.main else None,
+            stop_after_steps,
+            dist_info,
+            code,
+            wall0,
+        )
         if not dist_info.main:  # evaluation and records belong to rank 0
             return None
         summary["epochs"] = t.epochs
@@ -301,7 +377,8 @@ def train_run(spec: RunSpec, record: RunRecord, progress: Callable[..., Any] | N
         record.append_metrics({**rows[-1], "eval": {**rows[-1].get("eval", {}), **final}})
     summary["peak_mem_mb"] = peak_memory_mb(device)
     summary["train_seconds"] = train_seconds
-    summary["wall_seconds"] = time.perf_counter() - wall0
+    # every attempt up to its last checkpoint (a resumed run counts the attempts before it too)
+    summary["wall_seconds"] = wall_before + time.perf_counter() - wall0
     return summary
 
 
@@ -318,11 +395,19 @@ def training_flops_per_image(model, strategy, spec: RunSpec, dataset: Dataset, d
     """FLOPs of one training step (forward + backward, as counted by torch.utils.flop_counter) per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    loader = TensorLoader(dataset.train.subset(spec.train.batch_size, seed=0), spec.train.batch_size,
-                          dataset.mean, dataset.std, device=device, seed=spec.seed)
+    loader = TensorLoader(
+        dataset.train.subset(spec.train.batch_size, seed=0),
+        spec.train.batch_size,
+        dataset.mean,
+        dataset.std,
+        device=device,
+        seed=spec.seed,
+    )
     x, _ = next(loader.batches(0))
     gen = torch.Generator(device=device).manual_seed(spec.seed)
-    ctx = PlanContext(model, model.grid, gen, epoch=spec.train.epochs, total_epochs=spec.train.epochs, method=spec.method)
+    ctx = PlanContext(
+        model, model.grid, gen, epoch=spec.train.epochs, total_epochs=spec.train.epochs, method=spec.method
+    )
     counter = FlopCounterMode(display=False)
     with counter:
         loss, _, _, _ = forward_losses(model, strategy, ctx, x, None)
@@ -331,8 +416,21 @@ def training_flops_per_image(model, strategy, spec: RunSpec, dataset: Dataset, d
     return counter.get_total_flops() / x.shape[0]
 
 
-def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device, progress, stop_after_steps,
-              dist_info: DistInfo, code: dict[str, str]) -> float:
+def _pretrain(
+    spec: RunSpec,
+    record: RunRecord,
+    model: MIMViT,
+    strategy: MaskingStrategy,
+    dataset: Dataset,
+    device: torch.device,
+    progress: Callable[..., Any] | None,
+    stop_after_steps: int | None,
+    dist_info: DistInfo,
+    code: dict[str, str],
+    wall0: float,
+) -> tuple[float, float]:
+    """Train ``model`` for the run's epochs, resuming from its checkpoint; returns (training seconds of
+    all epochs, wall seconds of earlier attempts)."""
     t = spec.train
     forward = None
     if dist_info.world > 1:
@@ -344,20 +442,31 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
     writes = dist_info.main
     train_split = dataset.train.subset(spec.data.train_subset, seed=spec.seed)
     aug = Augment(tuple(t.augment.scale), tuple(t.augment.ratio), t.augment.flip)
-    loader = TensorLoader(train_split, t.batch_size, dataset.mean, dataset.std, device=device,
-                          seed=spec.seed, augment=aug)
+    loader = TensorLoader(
+        train_split, t.batch_size, dataset.mean, dataset.std, device=device, seed=spec.seed, augment=aug
+    )
     opt = make_optimizer(model, spec)
-    start_epoch = 0
+    start_epoch, wall_before = 0, 0.0
     state = _load_checkpoint(record, device, code)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epochs_done"])
+        wall_before = float(state.get("wall_seconds", 0.0))
     if writes:
         record.truncate_metrics(start_epoch)
     steps_per_epoch = len(loader)
-    train_step = TrainStep(spec, model, strategy, opt, device, steps_per_epoch, dist_info, forward,
-                           where=f"; finished epochs are kept in {record.dir}")
+    train_step = TrainStep(
+        spec,
+        model,
+        strategy,
+        opt,
+        device,
+        steps_per_epoch,
+        dist_info,
+        forward,
+        where=f"; finished epochs are kept in {record.dir}",
+    )
     total_seconds = sum(r["seconds"] for r in record.read_metrics())
     bar = progress(total=t.epochs, initial=start_epoch, desc=spec.short(), unit="ep", leave=False) if progress else None
     steps_done = 0
@@ -381,20 +490,30 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
         seconds = time.perf_counter() - t0
         total_seconds += seconds
         r = torch.cat(ratios).float().cpu()
-        row = {"epoch": epoch, "loss": sums["loss"] / steps_per_epoch, "lr": lr, "seconds": seconds,
-               "images": steps_per_epoch * t.batch_size, "img_per_s": steps_per_epoch * t.batch_size / seconds,
-               "mask_ratio_mean": r.mean().item(), "mask_ratio_min": r.min().item(),
-               "mask_ratio_max": r.max().item(), "plan_share": sums["plan_seconds"] / seconds}
+        row = {
+            "epoch": epoch,
+            "loss": sums["loss"] / steps_per_epoch,
+            "lr": lr,
+            "seconds": seconds,
+            "images": steps_per_epoch * t.batch_size,
+            "img_per_s": steps_per_epoch * t.batch_size / seconds,
+            "mask_ratio_mean": r.mean().item(),
+            "mask_ratio_min": r.min().item(),
+            "mask_ratio_max": r.max().item(),
+            "plan_share": sums["plan_seconds"] / seconds,
+        }
         row.update({f"loss_{k}": v / steps_per_epoch for k, v in term_sums.items()} if len(term_sums) > 1 else {})
         ev = spec.eval
         if writes and ev.every and (epoch + 1) % ev.every == 0 and epoch + 1 < t.epochs:
-            row["eval"] = {k: v for k, v in evaluate_encoder(model, dataset, ev, spec.seed, device,
-                                                             tuple(ev.every_protocols)).items()
-                           if k.endswith("_top1")}
+            row["eval"] = {
+                k: v
+                for k, v in evaluate_encoder(model, dataset, ev, spec.seed, device, tuple(ev.every_protocols)).items()
+                if k.endswith("_top1")
+            }
             model.train()
         if writes:
             record.append_metrics(row)  # before the checkpoint: a kill in between only redoes this epoch
-            _save_checkpoint(record, model, opt, epoch + 1, code)
+            _save_checkpoint(record, model, opt, epoch + 1, code, wall_before + time.perf_counter() - wall0)
         if dist_info.world > 1:
             torch.distributed.barrier()
         if bar is not None:
@@ -402,5 +521,4 @@ def _pretrain(spec, record: RunRecord, model, strategy, dataset: Dataset, device
             bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row['img_per_s']:.0f}")
     if bar is not None:
         bar.close()
-    return total_seconds
-
+    return total_seconds, wall_before

@@ -3,10 +3,48 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from masking_bench.errors import BenchError
 from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_lowest_first, num_hidden, register
+
+
+def _reject(strategy: str, key: str, value: Any, accepted: str) -> BenchError:
+    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
+
+
+def _is_int(value: Any) -> bool:
+    """An int, not a bool (YAML ``true`` must not pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _check_switch(strategy: str, key: str, value: Any) -> None:
+    """``auto``, true or false (a number or other text is refused, not read as truthy)."""
+    if not (isinstance(value, bool) or value == "auto" and isinstance(value, str)):
+        raise _reject(strategy, key, value, "expected auto, true or false")
+
+
+def block_bounds(
+    grid: tuple[int, int], target: int, min_block: int | None = None, max_block: int | None = None
+) -> tuple[int, int]:
+    """The (smallest, largest) rectangle area BEiT's generator draws from on ``grid`` for a ``target``
+    hidden count: ``min_block`` defaults to BEiT's 16 patches of a 14x14 grid scaled to this grid,
+    ``max(1, round(16·L/196))`` (4 on 7x7), ``max_block`` to the target (``unilm/beit/masking_generator.py``:
+    ``min_num_patches=16``, ``max_num_patches=num_masking_patches``)."""
+    gh, gw = grid
+    return min_block or max(1, round(16 * gh * gw / 196)), max_block or target
 
 
 def top_up_or_trim(mask: torch.Tensor, target: int, ctx: PlanContext) -> torch.Tensor:
@@ -37,6 +75,22 @@ class BlockMasking(MaskingStrategy):
     source = "BEiT (arXiv 2106.08254) §2.3; spec §2.1"
     defaults = {"min_block": None, "max_block": None, "aspect_min": 0.3, "attempts": 10, "top_up": "auto"}
 
+    def __init__(self, ratio: float, method: str = "mae", **params: Any):
+        super().__init__(ratio, method=method, **params)
+        for key in ("min_block", "max_block"):
+            value = getattr(self, key)
+            if value is not None and not (_is_int(value) and value >= 1):
+                raise _reject(self.name, key, value, "expected null (the default) or an integer >= 1")
+        if self.min_block is not None and self.max_block is not None and self.min_block > self.max_block:
+            raise _reject(self.name, "min_block", self.min_block, f"expected min_block <= max_block={self.max_block}")
+        if not _is_number(self.aspect_min):
+            raise _reject(self.name, "aspect_min", self.aspect_min, "expected a number in (0, 1]")
+        if not 0 < self.aspect_min <= 1:
+            raise _reject(self.name, "aspect_min", self.aspect_min, "expected a number in (0, 1]")
+        if not (_is_int(self.attempts) and self.attempts >= 1):
+            raise _reject(self.name, "attempts", self.attempts, "expected an integer >= 1")
+        _check_switch(self.name, "top_up", self.top_up)
+
     def plan(self, images, ctx: PlanContext) -> MaskPlan:
         n = images.shape[0]
         gh, gw = ctx.grid
@@ -51,8 +105,7 @@ class BlockMasking(MaskingStrategy):
 
     def beit_masks(self, n: int, gh: int, gw: int, target: int, ctx: PlanContext) -> torch.Tensor:
         dev = ctx.device
-        min_block = self.min_block or max(1, round(16 * gh * gw / 196))
-        max_block = self.max_block or target
+        min_block, max_block = block_bounds((gh, gw), target, self.min_block, self.max_block)
         mask = torch.zeros(n, gh, gw, dtype=torch.bool, device=dev)
         count = torch.zeros(n, dtype=torch.long, device=dev)
         fails = torch.zeros(n, dtype=torch.long, device=dev)
@@ -72,8 +125,7 @@ class BlockMasking(MaskingStrategy):
             fits = (h < gh) & (w < gw)  # strict, as in the reference: never the full width/height
             top = (u[:, 2] * (gh - h + 1).clamp(min=1)).floor().long().view(-1, 1, 1)
             left = (u[:, 3] * (gw - w + 1).clamp(min=1)).floor().long().view(-1, 1, 1)
-            rect = ((rows >= top) & (rows < top + h.view(-1, 1, 1)) &
-                    (cols >= left) & (cols < left + w.view(-1, 1, 1)))
+            rect = (rows >= top) & (rows < top + h.view(-1, 1, 1)) & (cols >= left) & (cols < left + w.view(-1, 1, 1))
             new = (rect & ~mask).sum(dim=(1, 2))
             ok = active & fits & (new > 0) & (new <= budget.long())
             mask |= rect & ok.view(-1, 1, 1)
@@ -98,6 +150,12 @@ class CoarseRandomMasking(MaskingStrategy):
     summary = "SimMIM: random 2x2-token cells, ceil(cells*r) of them"
     source = "SimMIM (arXiv 2111.09886) §3.1; spec §2.2"
     defaults = {"cell": 2, "exact_count": "auto"}
+
+    def __init__(self, ratio: float, method: str = "mae", **params: Any):
+        super().__init__(ratio, method=method, **params)
+        if not (_is_int(self.cell) and self.cell >= 1):
+            raise _reject(self.name, "cell", self.cell, "expected an integer >= 1 (cell side in tokens)")
+        _check_switch(self.name, "exact_count", self.exact_count)
 
     def plan(self, images, ctx: PlanContext) -> MaskPlan:
         n = images.shape[0]

@@ -56,6 +56,7 @@ normalised per patch of the crop (the tests check both facts). The reference has
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -67,6 +68,20 @@ from masking_bench.models import patchify, unpatchify
 
 INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")
 DEGRADATIONS = ("zoom_in",)
+
+
+def _reject(strategy: str, key: str, value: Any, accepted: str) -> BenchError:
+    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (YAML ``true`` must not pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 def big_size(size: int, scale: float) -> int:
@@ -106,8 +121,8 @@ def border_strips(img: torch.Tensor, margin: tuple[int, int]) -> list[torch.Tens
     """The ring of width ``margin`` as four strips: top, bottom, left and right of the middle band."""
     mh, mw = margin
     h, w = img.shape[-2:]
-    middle = img[..., mh:h - mh, :]
-    return [img[..., :mh, :], img[..., h - mh:, :], middle[..., :mw], middle[..., w - mw:]]
+    middle = img[..., mh : h - mh, :]
+    return [img[..., :mh, :], img[..., h - mh :, :], middle[..., :mw], middle[..., w - mw :]]
 
 
 @register
@@ -123,23 +138,35 @@ class ZoomMisalignMasking(MaskingStrategy):
 
     name = "misalign"
     summary = "random masking of the centre crop of a 9/7-larger view; reconstruct the whole view"
-    source = ("Beyond Masking (arXiv 2203.14313) zoomed-in + masking '(a)+(m)'; "
-              "sunsmarterjie/beyond_masking zoomed-in/ [CODE]; spec §4.3")
-    defaults = {"view_scale": 9 / 7, "interpolation": "bilinear", "centre_weight": 0.8, "border_weight": 0.2,
-                "degradation": "zoom_in"}
+    source = (
+        "Beyond Masking (arXiv 2203.14313) zoomed-in + masking '(a)+(m)'; "
+        "sunsmarterjie/beyond_masking zoomed-in/ [CODE]; spec §4.3"
+    )
+    defaults = {
+        "view_scale": 9 / 7,
+        "interpolation": "bilinear",
+        "centre_weight": 0.8,
+        "border_weight": 0.2,
+        "degradation": "zoom_in",
+    }
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         super().__init__(ratio, method, **params)
-        if not float(self.view_scale) > 1.0:
-            raise BenchError(f"misalign: view_scale must be > 1 (zoom-in), got {self.view_scale}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise BenchError(f"misalign: unknown interpolation '{self.interpolation}': "
-                             f"accepted are {', '.join(INTERPOLATIONS)}")
-        if self.degradation not in DEGRADATIONS:
-            raise BenchError(f"misalign: unknown degradation '{self.degradation}': "
-                             f"accepted are {', '.join(DEGRADATIONS)}")
-        if float(self.centre_weight) < 0 or float(self.border_weight) < 0:
-            raise BenchError("misalign: centre_weight and border_weight must be >= 0")
+        if not (_is_number(self.view_scale) and self.view_scale > 1):
+            raise _reject(self.name, "view_scale", self.view_scale, "expected a finite number > 1 (zoom-in)")
+        for key, accepted in (("interpolation", INTERPOLATIONS), ("degradation", DEGRADATIONS)):
+            value = getattr(self, key)
+            if not (isinstance(value, str) and value in accepted):
+                raise _reject(self.name, key, value, f"expected one of {', '.join(accepted)}")
+        for key in ("centre_weight", "border_weight"):
+            value = getattr(self, key)
+            if not (_is_number(value) and value >= 0):
+                raise _reject(self.name, key, value, "expected a finite number >= 0 (loss weight)")
+        if self.centre_weight == 0 and self.border_weight == 0:
+            raise BenchError(
+                f"strategy '{self.name}': parameters centre_weight=0 and border_weight=0 are not "
+                "accepted together: at least one loss weight must be > 0"
+            )
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
@@ -150,7 +177,7 @@ class ZoomMisalignMasking(MaskingStrategy):
     def geometry(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """(whole-view size, border margin) for an input of ``size`` (H, W)."""
         big = tuple(big_size(s, float(self.view_scale)) for s in size)
-        margin = tuple((b - s) // 2 for b, s in zip(big, size))
+        margin = tuple((b - s) // 2 for b, s in zip(big, size, strict=True))
         return big, margin
 
     # ---------------------------------------------------------------------------------- plan
@@ -158,15 +185,16 @@ class ZoomMisalignMasking(MaskingStrategy):
         size = tuple(images.shape[-2:])
         (bh, bw), (mh, mw) = self.geometry(size)
         whole = resize(images, (bh, bw), self.interpolation)
-        view = whole[..., mh:mh + size[0], mw:mw + size[1]].contiguous()
+        view = whole[..., mh : mh + size[0], mw : mw + size[1]].contiguous()
         target = F.interpolate(whole, size=size, mode="area")
         noise = ctx.rand(images.shape[0], ctx.num_tokens)
         mask = hide_lowest_first(noise, num_hidden(ctx.num_tokens, self.ratio))
         return MaskPlan(mask=mask, view=view, target=target)
 
     # --------------------------------------------------------------------------------- losses
-    def raw_losses(self, model, pred: torch.Tensor, view: torch.Tensor, target: torch.Tensor,
-                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw_losses(
+        self, model, pred: torch.Tensor, view: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unweighted (centre, border) losses for a prediction (N, L, p²C) of the whole view at S."""
         p, c, grid = model.patch_size, model.in_chans, model.grid
         size = tuple(view.shape[-2:])
@@ -174,7 +202,7 @@ class ZoomMisalignMasking(MaskingStrategy):
         mh, mw = margin
         pred = pred.float()
         pred_big = F.interpolate(unpatchify(pred, p, c, grid), size=(bh, bw), mode="area")
-        pred_centre = patchify(pred_big[..., mh:mh + size[0], mw:mw + size[1]], p)
+        pred_centre = patchify(pred_big[..., mh : mh + size[0], mw : mw + size[1]], p)
         mae = self.method == "mae"
         if mae and model.norm_pix_loss:
             stats = pixel_stats(model)
@@ -182,18 +210,19 @@ class ZoomMisalignMasking(MaskingStrategy):
         else:
             view_tok, target_tok = patchify(view.float(), p), patchify(target.float(), p)
         diff = pred_centre - view_tok
-        per_patch = (diff ** 2 if mae else diff.abs()).mean(dim=-1)
+        per_patch = (diff**2 if mae else diff.abs()).mean(dim=-1)
         m = mask.to(per_patch.dtype)
         centre = (per_patch * m).sum() / m.sum().clamp(min=1.0)
         if mh == 0 or mw == 0:
             return centre, centre.new_zeros(())
         target_big = F.interpolate(unpatchify(target_tok, p, c, grid), size=(bh, bw), mode="area")
         err = F.mse_loss if mae else F.l1_loss
-        border = sum(err(a, b) for a, b in zip(border_strips(pred_big, margin), border_strips(target_big, margin)))
+        border = sum(
+            err(a, b) for a, b in zip(border_strips(pred_big, margin), border_strips(target_big, margin), strict=True)
+        )
         return centre, border
 
     def losses(self, model, out, plan: MaskPlan, view: torch.Tensor) -> dict[str, torch.Tensor]:
         target = plan.target if plan.target is not None else view
         centre, border = self.raw_losses(model, out.pred, view, target, plan.mask)
-        return {"recon_centre": float(self.centre_weight) * centre,
-                "recon_border": float(self.border_weight) * border}
+        return {"recon_centre": float(self.centre_weight) * centre, "recon_border": float(self.border_weight) * border}

@@ -53,6 +53,20 @@ from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_l
 DEPTH_SCHEDULES = ("first_half", "linear")
 
 
+def _reject(strategy: str, key: str, value, accepted: str) -> BenchError:
+    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
+
+
+def _is_number(value) -> bool:
+    """A finite int or float, not a bool (YAML ``true`` must not pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def depth_weights(n_layers: int, schedule: str) -> list[float]:
     """Per-block weights ``w_l`` of the ``n_layers`` mask-token blocks (spec §3.3 [INTERP])."""
     if schedule == "first_half":
@@ -119,19 +133,32 @@ class MaskedTokenOptimization(MaskingStrategy):
     summary = "MAE random masking; visible tokens never attend to mask tokens, plus 3 attention losses"
     interpretation = True
     needs = frozenset({"attention"})
-    source = ("MTO-interp: Choi et al., arXiv 2404.08330 (ECCV 2024), method unreadable; "
-              "spec §3.2 recalibration, §3.3 losses [INTERP]")
-    defaults = {"recalibrate": True, "depth_schedule": "first_half", "lambda_spa": 0.1, "lambda_e": 0.1,
-                "lambda_r": 0.1, "spa_include_cls": True}
+    source = (
+        "MTO-interp: Choi et al., arXiv 2404.08330 (ECCV 2024), method unreadable; "
+        "spec §3.2 recalibration, §3.3 losses [INTERP]"
+    )
+    defaults = {
+        "recalibrate": True,
+        "depth_schedule": "first_half",
+        "lambda_spa": 0.1,
+        "lambda_e": 0.1,
+        "lambda_r": 0.1,
+        "spa_include_cls": True,
+    }
 
     def __init__(self, ratio: float, method: str = "mae", **params):
         super().__init__(ratio, method, **params)
-        if self.depth_schedule not in DEPTH_SCHEDULES:
-            raise BenchError(f"mto: unknown depth_schedule '{self.depth_schedule}': "
-                             f"accepted are {', '.join(DEPTH_SCHEDULES)}")
+        if not (isinstance(self.depth_schedule, str) and self.depth_schedule in DEPTH_SCHEDULES):
+            raise _reject(
+                self.name, "depth_schedule", self.depth_schedule, f"expected one of {', '.join(DEPTH_SCHEDULES)}"
+            )
         for key in ("lambda_spa", "lambda_e", "lambda_r"):
-            if float(getattr(self, key)) < 0:
-                raise BenchError(f"mto: {key} must be >= 0, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if not (_is_number(value) and value >= 0):
+                raise _reject(self.name, key, value, "expected a finite number >= 0 (loss weight)")
+        for key in ("recalibrate", "spa_include_cls"):
+            if not isinstance(getattr(self, key), bool):
+                raise _reject(self.name, key, getattr(self, key), "expected true or false")
 
     @property
     def active(self) -> bool:
@@ -163,5 +190,9 @@ class MaskedTokenOptimization(MaskingStrategy):
             P = out.attention_logits[layer].float().softmax(dim=-1)  # un-recalibrated
             s, e, r = mto_terms(P, out.attention[layer], plan.mask, bool(self.spa_include_cls))
             spa, ent, rec = spa + w * s, ent + w * e, rec + w * r
-        return {"recon": recon, "mto_spa": float(self.lambda_spa) * spa, "mto_e": float(self.lambda_e) * ent,
-                "mto_r": float(self.lambda_r) * rec}
+        return {
+            "recon": recon,
+            "mto_spa": float(self.lambda_spa) * spa,
+            "mto_e": float(self.lambda_e) * ent,
+            "mto_r": float(self.lambda_r) * rec,
+        }

@@ -39,6 +39,20 @@ AMR_MODES = ("batch", "sample")
 MINMAX_EPS = 1e-6
 
 
+def _reject(strategy: str, key: str, value: Any, accepted: str) -> BenchError:
+    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (YAML ``true`` must not pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
     """Per-row min–max to [0, 1] with ``+1e-6`` in the denominator (spec §5.2 step 4)."""
     lo = s.min(dim=1, keepdim=True).values
@@ -107,24 +121,36 @@ class SalienceMasking(MaskingStrategy):
 
     name = "sbam"
     summary = "hide the most salient tokens (embedding affinity column sums + noise)"
-    source = ("SBAM/SBM (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
-              "saliency_guided_masking; spec §5")
+    source = (
+        "SBAM/SBM (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
+        "saliency_guided_masking; spec §5"
+    )
     needs = frozenset({"embeddings"})
-    defaults: dict[str, Any] = {"noise_scale": 0.5, "scaled": False, "salience_source": "embeddings",
-                                "warmup_epochs": 0}
+    defaults: dict[str, Any] = {
+        "noise_scale": 0.5,
+        "scaled": False,
+        "salience_source": "embeddings",
+        "warmup_epochs": 0,
+    }
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         super().__init__(ratio, method=method, **params)
-        if self.salience_source not in SALIENCE_SOURCES:
-            raise BenchError(f"strategy '{self.name}': salience_source '{self.salience_source}' is not one of "
-                             f"{', '.join(SALIENCE_SOURCES)}")
-        if not float(self.noise_scale) >= 0.0:
-            raise BenchError(f"strategy '{self.name}': noise_scale {self.noise_scale} must be >= 0")
-        if int(self.warmup_epochs) != self.warmup_epochs or self.warmup_epochs < 0:
-            raise BenchError(f"strategy '{self.name}': warmup_epochs {self.warmup_epochs} must be an integer >= 0")
+        if not (isinstance(self.salience_source, str) and self.salience_source in SALIENCE_SOURCES):
+            raise _reject(
+                self.name, "salience_source", self.salience_source, f"expected one of {', '.join(SALIENCE_SOURCES)}"
+            )
+        if not (_is_number(self.noise_scale) and self.noise_scale >= 0):
+            raise _reject(self.name, "noise_scale", self.noise_scale, "expected a finite number >= 0")
+        warm = self.warmup_epochs
+        if not (_is_number(warm) and int(warm) == warm and warm >= 0):  # 2.0 was and stays accepted
+            raise _reject(self.name, "warmup_epochs", warm, "expected an integer >= 0")
+        if not isinstance(self.scaled, bool):
+            raise _reject(self.name, "scaled", self.scaled, "expected true or false")
         if self.scaled and self.salience_source == "attention":
-            raise BenchError(f"strategy '{self.name}': scaled=True applies to salience_source='embeddings' only "
-                             "(the encoder's attention is already scaled)")
+            raise BenchError(
+                f"strategy '{self.name}': scaled=True applies to salience_source='embeddings' only "
+                "(the encoder's attention is already scaled)"
+            )
         self.noise_scale = float(self.noise_scale)
         self.warmup_epochs = int(self.warmup_epochs)
         if self.salience_source == "attention":
@@ -222,22 +248,28 @@ class SalienceAdaptiveRatio(SalienceMasking):
     summary = "SBAM with a masking ratio that adapts to how much of the image is salient"
     interpretation = True
     adaptive_ratio = True  # r = r0 − Δ + 2Δ·(salient fraction): the trainer does not hold it to r0
-    source = ("SBAM + AMR (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
-              "saliency_guided_masking; spec §6")
+    source = (
+        "SBAM + AMR (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
+        "saliency_guided_masking; spec §6"
+    )
     defaults: dict[str, Any] = {**SalienceMasking.defaults, "delta_ratio": 0.10, "threshold": 0.5, "mode": "batch"}
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         super().__init__(ratio, method=method, **params)
-        if self.mode not in AMR_MODES:
-            raise BenchError(f"strategy '{self.name}': mode '{self.mode}' is not one of {', '.join(AMR_MODES)}")
-        if not float(self.delta_ratio) >= 0.0:
-            raise BenchError(f"strategy '{self.name}': delta_ratio {self.delta_ratio} must be >= 0")
+        if not (isinstance(self.mode, str) and self.mode in AMR_MODES):
+            raise _reject(self.name, "mode", self.mode, f"expected one of {', '.join(AMR_MODES)}")
+        for key, what in (("delta_ratio", "the ratio swing"), ("threshold", "a min-max-normalised salience")):
+            value = getattr(self, key)
+            if not (_is_number(value) and 0 <= value <= 1):
+                raise _reject(self.name, key, value, f"expected a number in [0, 1] ({what})")
         self.delta_ratio = float(self.delta_ratio)
         self.threshold = float(self.threshold)
 
     def deviations(self) -> list[str]:
         out = super().deviations()
-        out.append(f"delta_ratio={self.delta_ratio}, threshold={self.threshold}: not from the paper (spec §6.2) [INTERP]")
+        out.append(
+            f"delta_ratio={self.delta_ratio}, threshold={self.threshold}: not from the paper (spec §6.2) [INTERP]"
+        )
         if self.mode == "sample":
             out.append("mode=sample: per-sample ratio, ragged counts (spec §6.1 step 3, §6.4) [INTERP]")
         return out
@@ -271,6 +303,7 @@ class SalienceAdaptiveRatio(SalienceMasking):
 
     def warmup_plan(self, images: torch.Tensor, ctx: PlanContext) -> MaskPlan:
         plan = super().warmup_plan(images, ctx)
-        plan.diagnostics["ratio"] = torch.full((images.shape[0],), self.ratio, dtype=torch.float32,
-                                              device=plan.mask.device)
+        plan.diagnostics["ratio"] = torch.full(
+            (images.shape[0],), self.ratio, dtype=torch.float32, device=plan.mask.device
+        )
         return plan

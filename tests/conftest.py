@@ -18,9 +18,13 @@ import yaml
 THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = THREADS  # inherited by CLI subprocesses
 
-import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
-torch.set_num_threads(int(THREADS))
+def pytest_configure(config):
+    """Torch single-threaded in-process too (imported here, after OMP_NUM_THREADS is set)."""
+    import torch
+
+    torch.set_num_threads(int(THREADS))
+
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -78,16 +82,29 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``python -m masking_bench ARGS`` in a subprocess, text output captured."""
-    return subprocess.run([sys.executable, "-m", "masking_bench", *map(str, args)], cwd=cwd or REPO,
-                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "masking_bench", *map(str, args)],
+        cwd=cwd or REPO,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def popen_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "masking_bench", *map(str, args)], cwd=cwd or REPO,
-                            env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "masking_bench", *map(str, args)],
+        cwd=cwd or REPO,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +123,8 @@ def fresh_model():
     from masking_bench.models import build_model
 
     def make(method: str = "mae"):
+        import torch
+
         torch.manual_seed(0)
         return build_model("cpu-tiny", method, 28, 1).eval()
 
@@ -115,6 +134,8 @@ def fresh_model():
 @pytest.fixture(scope="module")
 def models():
     """One seeded cpu-tiny model per MIM method, shared by the tests of a module."""
+    import torch
+
     from masking_bench.models import build_model
 
     out = {}

@@ -7,10 +7,18 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA_ENV, FASHION_DIR
-from masking_bench.data import (Augment, TensorLoader, load_cifar10, load_dataset, load_fashion_mnist,
-                                load_imagefolder, make_synthetic, random_resized_crop)
+
+from masking_bench.data import (
+    Augment,
+    TensorLoader,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+    load_imagefolder,
+    make_synthetic,
+    random_resized_crop,
+)
 from masking_bench.errors import BenchError, DataMissingError
 
 # ------------------------------------------------------------------------------- Fashion-MNIST
@@ -44,9 +52,12 @@ def test_missing_fashion_mnist_is_one_helpful_line(tmp_path, monkeypatch, how):
     empty.mkdir()
     if how == "env":
         monkeypatch.setenv(DATA_ENV, str(empty))
-        call = lambda: load_fashion_mnist()  # noqa: E731
+        call = load_fashion_mnist
     else:
-        call = lambda: load_fashion_mnist(str(empty))  # noqa: E731
+
+        def call():
+            return load_fashion_mnist(str(empty))
+
     with pytest.raises(DataMissingError) as err:
         call()
     msg = str(err.value)
@@ -120,7 +131,9 @@ def _fake_imagefolder(root):
         for cls in ("a", "b"):
             (root / split / cls).mkdir(parents=True)
             for i in range(2):
-                Image.new("RGB", (40, 36), (i * 50, 100, 200 if cls == "a" else 0)).save(root / split / cls / f"{i}.png")
+                Image.new("RGB", (40, 36), (i * 50, 100, 200 if cls == "a" else 0)).save(
+                    root / split / cls / f"{i}.png"
+                )
 
 
 def test_imagefolder_layout(tmp_path):
@@ -148,7 +161,9 @@ def test_synthetic_dataset():
     assert set(ds.train.labels.tolist()) <= {0, 1, 2, 3} and len(set(ds.train.labels.tolist())) == 4
     again = make_synthetic(n_train=64, n_test=32, size=16, channels=3, num_classes=4, seed=1)
     assert torch.equal(ds.train.images, again.train.images)
-    assert not torch.equal(ds.train.images, make_synthetic(n_train=64, n_test=32, size=16, channels=3, seed=2).train.images)
+    assert not torch.equal(
+        ds.train.images, make_synthetic(n_train=64, n_test=32, size=16, channels=3, seed=2).train.images
+    )
     assert load_dataset("synthetic", image_size=32).train.images.shape[1:] == (1, 32, 32)
 
 
@@ -225,7 +240,7 @@ def test_resume_mid_epoch_yields_the_tail(fashion, small):
     for k in (0, 1, 7, 14, 15):
         tail = list(ld.batches(2, start_step=k))
         assert len(tail) == len(full) - k
-        for (x, y), (fx, fy) in zip(tail, full[k:]):
+        for (x, y), (fx, fy) in zip(tail, full[k:], strict=True):
             assert torch.equal(x, fx) and torch.equal(y, fy)
 
 
@@ -241,26 +256,29 @@ def test_augmentation_changes_images_but_not_labels(fashion, small):
 
 def test_random_resized_crop_full_scale_no_flip_is_identity(small):
     x = small.images[:32].float()
-    out = random_resized_crop(x, Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False),
-                              torch.Generator().manual_seed(0))
+    out = random_resized_crop(
+        x, Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False), torch.Generator().manual_seed(0)
+    )
     assert out.shape == x.shape
     assert (out - x).abs().max() < 1e-3
 
 
 def test_random_resized_crop_flip_only_mirrors(small):
     x = small.images[:256].float()
-    out = random_resized_crop(x, Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True),
-                              torch.Generator().manual_seed(1))
-    same = ((out - x).abs().amax(dim=(1, 2, 3)) < 1e-3)
-    mirrored = ((out - x.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-3)
+    out = random_resized_crop(
+        x, Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True), torch.Generator().manual_seed(1)
+    )
+    same = (out - x).abs().amax(dim=(1, 2, 3)) < 1e-3
+    mirrored = (out - x.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-3
     assert (same | mirrored).all()
     assert 0.35 < mirrored.float().mean() < 0.65
 
 
 def test_random_resized_crop_small_scale_zooms_in(small):
     x = small.images[:64].float()
-    out = random_resized_crop(x, Augment(scale=(0.2, 0.2), ratio=(1.0, 1.0), flip=False),
-                              torch.Generator().manual_seed(2))
+    out = random_resized_crop(
+        x, Augment(scale=(0.2, 0.2), ratio=(1.0, 1.0), flip=False), torch.Generator().manual_seed(2)
+    )
     assert out.shape == x.shape
     assert (out - x).abs().amax(dim=(1, 2, 3)).min() > 1.0  # every image changed
     g = torch.Generator().manual_seed(2)

@@ -41,10 +41,23 @@ def launch(spec_path: Path, results: Path, out: Path, world: int) -> None:
     for rank in range(world):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if world > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(spec_path), str(results), str(out)],
-                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(spec_path), str(results), str(out)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]
@@ -52,9 +65,16 @@ def launch(spec_path: Path, results: Path, out: Path, world: int) -> None:
 
 @pytest.mark.parametrize("strategy", ["random", "block"])
 def test_two_process_gloo_matches_single_process(tmp_path, strategy):
-    suite = parse_suite({"name": "ddp", "data": {"name": "synthetic"}, "strategies": [strategy],
-                         "ratios": [0.75], "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5},
-                         "eval": {"random_init": False, "probe": {"epochs": 2}}})
+    suite = parse_suite(
+        {
+            "name": "ddp",
+            "data": {"name": "synthetic"},
+            "strategies": [strategy],
+            "ratios": [0.75],
+            "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5},
+            "eval": {"random_init": False, "probe": {"epochs": 2}},
+        }
+    )
     (spec,) = expand(suite)
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec.model_dump_json())
@@ -65,7 +85,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, strategy):
     single = RunRecord(tmp_path / "single", spec).read_metrics()
     ddp = RunRecord(tmp_path / "ddp", spec).read_metrics()
     assert [r["epoch"] for r in ddp] == [0, 1] == [r["epoch"] for r in single]
-    for a, b in zip(single, ddp):
+    for a, b in zip(single, ddp, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["mask_ratio_mean"] == b["mask_ratio_mean"]
     # only rank 0 wrote a summary, and training happened in both

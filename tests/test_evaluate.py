@@ -91,8 +91,12 @@ def test_linear_probe_on_fresh_encoder_is_between_chance_and_pixels(fashion, fre
     assert 67.0 <= acc <= 76.0, acc
 
     pix = PixelIdentity()
-    pixel_acc = probe(extract_features(pix, train, fashion.mean, fashion.std), train.labels,
-                      extract_features(pix, test, fashion.mean, fashion.std), test.labels)
+    pixel_acc = probe(
+        extract_features(pix, train, fashion.mean, fashion.std),
+        train.labels,
+        extract_features(pix, test, fashion.mean, fashion.std),
+        test.labels,
+    )
     assert 76.0 <= pixel_acc <= 81.5, pixel_acc
     assert acc < pixel_acc - 4.0, (acc, pixel_acc)
 
@@ -127,14 +131,16 @@ def test_linear_probe_learns_separable_data():
 
 # Training points (cosine similarity to the query direction (1, 0) in brackets); norms deliberately
 # differ from 1 because kNN must compare directions only.
-KNN_TRAIN_X = torch.tensor([
-    [3.0, 0.0],    # class 0  (sim 1.0)
-    [3.0, 4.0],    # class 1  (sim 0.6)
-    [0.3, -0.4],   # class 1  (sim 0.6)
-    [0.0, 2.0],    # class 2  (sim 0.0)
-    [0.0, -0.5],   # class 2  (sim 0.0)
-    [-7.0, 0.0],   # class 2  (sim -1.0)
-])
+KNN_TRAIN_X = torch.tensor(
+    [
+        [3.0, 0.0],  # class 0  (sim 1.0)
+        [3.0, 4.0],  # class 1  (sim 0.6)
+        [0.3, -0.4],  # class 1  (sim 0.6)
+        [0.0, 2.0],  # class 2  (sim 0.0)
+        [0.0, -0.5],  # class 2  (sim 0.0)
+        [-7.0, 0.0],  # class 2  (sim -1.0)
+    ]
+)
 KNN_TRAIN_Y = torch.tensor([0, 1, 1, 2, 2, 2])
 
 
@@ -149,8 +155,8 @@ def test_knn_temperature_weighting_overrides_majority():
     assert knn(q, [0], k=3, temperature=0.07) == 100.0
     assert knn(q, [1], k=3, temperature=0.07) == 0.0
     # the switch is at exp(0.4/T) = 2, i.e. T = 0.4/ln 2 = 0.577
-    assert knn(q, [0], k=3, temperature=0.5) == 100.0   # e^2.0 = 7.39 > 2 e^1.2 = 6.64
-    assert knn(q, [1], k=3, temperature=1.0) == 100.0   # e^1.0 = 2.72 < 2 e^0.6 = 3.64
+    assert knn(q, [0], k=3, temperature=0.5) == 100.0  # e^2.0 = 7.39 > 2 e^1.2 = 6.64
+    assert knn(q, [1], k=3, temperature=1.0) == 100.0  # e^1.0 = 2.72 < 2 e^0.6 = 3.64
     # k=6 at a high temperature is nearly a plain vote over all points: class 2 has 3 of 6
     assert knn(q, [2], k=6, temperature=100.0) == 100.0
     # k is capped at the number of training points
@@ -214,21 +220,25 @@ def test_low_shot_indices_by_hand():
 
 @needs_fashion
 def test_evaluate_encoder_returns_documented_keys(fashion, fresh_model):
-    cfg = EvalConfig(probe=ProbeConfig(train_subset=500, test_subset=400),
-                     low_shot=LowShotConfig(shots=[1, 10], draws=2))
+    cfg = EvalConfig(
+        probe=ProbeConfig(train_subset=500, test_subset=400), low_shot=LowShotConfig(shots=[1, 10], draws=2)
+    )
     model = fresh_model("mae")
     out = evaluate_encoder(model, fashion, cfg, seed=0, device="cpu")
 
     expected = {"probe_top1", "knn_top1", "eval_train_images", "eval_test_images", "eval_seconds"}
     for shots in (1, 10):
-        expected |= {f"probe_{shots}shot_top1", f"knn_{shots}shot_top1",
-                     f"probe_{shots}shot_top1_draws", f"knn_{shots}shot_top1_draws"}
+        expected |= {
+            f"probe_{shots}shot_top1",
+            f"knn_{shots}shot_top1",
+            f"probe_{shots}shot_top1_draws",
+            f"knn_{shots}shot_top1_draws",
+        }
     assert set(out) == expected
     assert out["eval_train_images"] == 500 and out["eval_test_images"] == 400
     assert out["eval_seconds"] > 0
 
-    for key in ("probe_top1", "knn_top1", "probe_1shot_top1", "knn_1shot_top1",
-                "probe_10shot_top1", "knn_10shot_top1"):
+    for key in ("probe_top1", "knn_top1", "probe_1shot_top1", "knn_1shot_top1", "probe_10shot_top1", "knn_10shot_top1"):
         assert isinstance(out[key], float) and 0.0 <= out[key] <= 100.0, (key, out[key])
     for shots in (1, 10):
         for proto in ("probe", "knn"):
@@ -259,11 +269,23 @@ def test_evaluate_encoder_only_requested_protocols(fashion, fresh_model):
     out = evaluate_encoder(fresh_model("mae"), fashion, cfg, seed=0, device="cpu", protocols=("knn",))
     assert set(out) == {"knn_top1", "eval_train_images", "eval_test_images", "eval_seconds"}
     out = evaluate_encoder(fresh_model("mae"), fashion, cfg, seed=0, device="cpu", protocols=("low_shot",))
-    assert set(out) == {"probe_1shot_top1", "knn_1shot_top1", "probe_1shot_top1_draws", "knn_1shot_top1_draws",
-                        "eval_test_images", "eval_seconds"}
+    assert set(out) == {
+        "probe_1shot_top1",
+        "knn_1shot_top1",
+        "probe_1shot_top1_draws",
+        "knn_1shot_top1_draws",
+        "eval_test_images",
+        "eval_seconds",
+    }
     # low_shot without a low_shot config does nothing
-    out = evaluate_encoder(fresh_model("mae"), fashion, EvalConfig(probe=ProbeConfig(test_subset=100)), seed=0,
-                           device="cpu", protocols=("low_shot",))
+    out = evaluate_encoder(
+        fresh_model("mae"),
+        fashion,
+        EvalConfig(probe=ProbeConfig(test_subset=100)),
+        seed=0,
+        device="cpu",
+        protocols=("low_shot",),
+    )
     assert set(out) == {"eval_test_images", "eval_seconds"}
 
 

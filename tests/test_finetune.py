@@ -12,16 +12,28 @@ from masking_bench.launch import execute_run
 from masking_bench.models import build_model
 from masking_bench.store import RunRecord
 
-MICRO = {"preset": "cpu-tiny", "overrides": {"embed_dim": 64, "depth": 2, "num_heads": 2,
-                                             "decoder_dim": 32, "decoder_heads": 2}}
+MICRO = {
+    "preset": "cpu-tiny",
+    "overrides": {"embed_dim": 64, "depth": 2, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2},
+}
 
 
 def suite(finetune: dict, **eval_extra) -> dict:
-    return {"name": "ft", "model": MICRO, "data": {"name": "fashion_mnist", "train_subset": 512},
-            "strategies": ["random"], "ratios": [0.75], "seeds": [0],
-            "train": {"epochs": 1, "batch_size": 128, "warmup_epochs": 0.5},
-            "eval": {"probe": {"train_subset": 512, "test_subset": 1000}, "random_init": False,
-                     "finetune": {"enabled": True, **finetune}, **eval_extra}}
+    return {
+        "name": "ft",
+        "model": MICRO,
+        "data": {"name": "fashion_mnist", "train_subset": 512},
+        "strategies": ["random"],
+        "ratios": [0.75],
+        "seeds": [0],
+        "train": {"epochs": 1, "batch_size": 128, "warmup_epochs": 0.5},
+        "eval": {
+            "probe": {"train_subset": 512, "test_subset": 1000},
+            "random_init": False,
+            "finetune": {"enabled": True, **finetune},
+            **eval_extra,
+        },
+    }
 
 
 def test_layer_ids_follow_mae_layer_decay():

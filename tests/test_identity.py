@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli, write_suite
 
 from masking_bench.config import expand, parse_suite
 from masking_bench.errors import BenchError
 from masking_bench.fingerprint import changed_parts, normalised_source
 from masking_bench.precision import Hardware, resolve
-from conftest import run_cli, write_suite
 
 NATIVE = Hardware("cpu", "AVX512", True, "test: native bf16")
 EMULATED = Hardware("cpu", "AVX2", False, "test: no AVX512-BF16")
@@ -38,9 +38,15 @@ class JitterFirst(MaskingStrategy):
 
 
 def tiny(name: str, strategies, **extra) -> dict:
-    suite = {"name": name, "data": {"name": "synthetic", "train_subset": 128}, "strategies": strategies,
-             "ratios": [0.75], "seeds": [0], "train": {"epochs": 1, "batch_size": 64, "amp": "none"},
-             "eval": {"probe": {"epochs": 1, "train_subset": 256, "test_subset": 128}, "random_init": False}}
+    suite = {
+        "name": name,
+        "data": {"name": "synthetic", "train_subset": 128},
+        "strategies": strategies,
+        "ratios": [0.75],
+        "seeds": [0],
+        "train": {"epochs": 1, "batch_size": 64, "amp": "none"},
+        "eval": {"probe": {"epochs": 1, "train_subset": 256, "test_subset": 128}, "random_init": False},
+    }
     suite.update(extra)
     return suite
 
@@ -142,14 +148,16 @@ def test_plugin_edits_retrain_and_untouched_reruns_skip(tmp_path):
     plugin = tmp_path / "jitter_first.py"
     plugin.write_text(PLUGIN)
     results = tmp_path / "results"
-    suite_path = write_suite(tmp_path, tiny("ident", [{"name": "jitter_first", "label": "jf"}],
-                                            plugins=["jitter_first.py"]))
+    suite_path = write_suite(
+        tmp_path, tiny("ident", [{"name": "jitter_first", "label": "jf"}], plugins=["jitter_first.py"])
+    )
     assert _run(results, suite_path)[0] == 1
     assert _run(results, suite_path)[0] == 0  # touch nothing: skipped
 
     # comments and docstrings are not code
-    plugin.write_text(PLUGIN.replace('"""Hide tokens by index plus jitter (a test strategy)."""',
-                                     '"""Reworded."""  # and a comment'))
+    plugin.write_text(
+        PLUGIN.replace('"""Hide tokens by index plus jitter (a test strategy)."""', '"""Reworded."""  # and a comment')
+    )
     assert _run(results, suite_path)[0] == 0
 
     # a label is not identity; nor is where the results folder lives
@@ -190,8 +198,11 @@ def test_certify_restamps_a_refactor_and_refuses_a_change(tmp_path):
     before = json.loads(summary_path.read_text())
 
     # a pure refactor: same numbers, other code
-    plugin.write_text(PLUGIN.replace("n, length = images.shape[0], ctx.num_tokens",
-                                     "length = ctx.num_tokens\n        n = images.shape[0]"))
+    plugin.write_text(
+        PLUGIN.replace(
+            "n, length = images.shape[0], ctx.num_tokens", "length = ctx.num_tokens\n        n = images.shape[0]"
+        )
+    )
     assert _state(results, suite_path) == [("jitter_first", "stale")]
     proc = run_cli("certify", suite_path, "--results", results, "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -230,15 +241,24 @@ def test_checkpoint_of_other_code_is_not_resumed(tmp_path):
     summary = execute_run(spec, results, show_progress=False)
     clean = execute_run(spec, tmp_path / "clean", show_progress=False)
     assert summary["final_loss"] == clean["final_loss"]
-    assert [r["loss"] for r in record.read_metrics()] == [r["loss"] for r in RunRecord(tmp_path / "clean", spec).read_metrics()]
+    assert [r["loss"] for r in record.read_metrics()] == [
+        r["loss"] for r in RunRecord(tmp_path / "clean", spec).read_metrics()
+    ]
 
 
 def test_legacy_records_convert_by_what_they_recorded(tmp_path, tiny_suite):
     """A schema-1 record is renamed to its current hash using the parameters its strategy recorded."""
     from masking_bench.certify import legacy_count, upgrade_legacy
 
-    suite = parse_suite({**tiny_suite, "strategies": ["block"], "ratios": [0.75], "seeds": [0],
-                         "train": {**tiny_suite["train"], "amp": "bf16"}})
+    suite = parse_suite(
+        {
+            **tiny_suite,
+            "strategies": ["block"],
+            "ratios": [0.75],
+            "seeds": [0],
+            "train": {**tiny_suite["train"], "amp": "bf16"},
+        }
+    )
     spec = next(r for r in expand(suite, hardware=NATIVE) if r.kind == "pretrain")
     old = spec.model_dump(mode="json")
     old.pop("precision")
@@ -252,3 +272,48 @@ def test_legacy_records_convert_by_what_they_recorded(tmp_path, tiny_suite):
     assert lines and spec.run_hash in lines[0]
     assert (tmp_path / "records" / "tiny" / spec.run_hash / "config.yaml").is_file()
     assert legacy_count(tmp_path, "tiny") == 0
+
+
+AVX2_HOST = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # how an AVX2-only CPU looks to torch
+
+
+def test_an_avx2_host_trains_auto_in_fp32_and_refuses_explicit_bf16(tmp_path):
+    """On a CPU limited to AVX2 (emulated through torch's and oneDNN's ISA caps) `auto` picks fp32 and
+    an explicit bf16 suite stops before any training with the one-line reason and fix."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    code = (
+        "from masking_bench.precision import cpu_hardware, resolve; hw = cpu_hardware(); "
+        "print(hw.isa, hw.native_bf16, resolve('auto', 'cpu'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(**AVX2_HOST), timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["AVX2", "False", "fp32"]
+    suite = tiny("avx2", ["random"], train={"epochs": 1, "batch_size": 64, "amp": "bf16"})
+    path = write_suite(tmp_path, suite)
+    proc = run_cli("run", path, "--results", tmp_path / "results", env=cli_env(**AVX2_HOST))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no native bf16" in lines[0] and "train.amp: auto" in lines[0]
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_bench_names_the_isa_and_measures_only_native_precisions():
+    import torch
+
+    from masking_bench import bench
+    from masking_bench.precision import cpu_hardware
+
+    info = bench.machine_info(torch.device("cpu"))
+    assert info["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert info["amp_auto"] == ("bf16" if cpu_hardware().native_bf16 else "fp32")
+    assert "bf16" not in bench.default_variants(compile=True, bf16=False)
+    assert all(v.get("amp") != "bf16" for v in bench.default_variants(compile=True, bf16=False).values())
+    assert "bf16" in bench.default_variants(bf16=True)
+    table = bench.format_table({"machine": info})
+    assert f"ISA {info['isa']}: train.amp auto trains in {info['amp_auto']}" in table

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import needs_fashion, popen_cli, run_cli, write_suite
+
 from masking_bench.config import expand, parse_suite, spec_from_dict
 
 pytestmark = [pytest.mark.integration, needs_fashion]
@@ -86,7 +86,9 @@ def test_run_writes_complete_records(suite_run):
         summary = read_json(run_dir / "summary.json")
         # a finished run is also copied, without its checkpoint, to records/ (the committable form)
         archived = results / "records" / "it_tiny" / run_dir.name
-        expected = {"config.yaml", "summary.json"} | ({"metrics.jsonl"} if (run_dir / "metrics.jsonl").exists() else set())
+        expected = {"config.yaml", "summary.json"} | (
+            {"metrics.jsonl"} if (run_dir / "metrics.jsonl").exists() else set()
+        )
         assert {p.name for p in archived.iterdir()} == expected
         assert read_json(archived / "summary.json") == summary
         for key in ("probe_top1", "knn_top1", "wall_seconds"):
@@ -195,7 +197,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     # CPU, fixed seeds, per-(seed, epoch, step) random streams: the resumed run is the same computation,
     # bit for bit (checked at 1 and 2 threads), so equality is asserted exactly
     assert len(rows) == len(straight_rows) == 2
-    for a, b in zip(rows, straight_rows):
+    for a, b in zip(rows, straight_rows, strict=True):
         assert a["loss"] == b["loss"] and a["lr"] == b["lr"]
         assert a["mask_ratio_mean"] == b["mask_ratio_mean"] == pytest.approx(37 / 49)
     assert resumed["final_loss"] == straight["final_loss"]

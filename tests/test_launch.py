@@ -28,17 +28,26 @@ from masking_bench.launch import (
 from masking_bench.store import RunRecord
 
 # A very small model on 16x16 synthetic images: a run takes ~1-2 s on one busy core.
-MICRO = {"preset": "cpu-tiny",
-         "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2}}
+MICRO = {
+    "preset": "cpu-tiny",
+    "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2},
+}
 TINY_EVAL = {"probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}, "random_init": False}
 
 FLAKY_PLUGIN = flaky_plugin("flaky_test", "tests/test_launch.py")
 
 
 def tiny_suite(name: str, **over) -> dict:
-    raw = {"name": name, "data": {"name": "synthetic", "image_size": 16, "train_subset": 128}, "model": MICRO,
-           "strategies": ["random"], "ratios": [0.75], "seeds": [0],
-           "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5}, "eval": TINY_EVAL}
+    raw = {
+        "name": name,
+        "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
+        "model": MICRO,
+        "strategies": ["random"],
+        "ratios": [0.75],
+        "seeds": [0],
+        "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5},
+        "eval": TINY_EVAL,
+    }
     raw.update(over)
     return raw
 
@@ -69,12 +78,29 @@ def test_chunked_splits_arrays_at_the_maximum_size():
 
 
 def test_executor_parameters_map_the_launcher_block():
-    cfg = LauncherConfig(kind="slurm", partition="gpu", gpus_per_node=2, cpus_per_task=8, mem_gb=32,
-                         timeout_min=240, array_parallelism=4, additional_parameters={"qos": "high"})
+    cfg = LauncherConfig(
+        kind="slurm",
+        partition="gpu",
+        gpus_per_node=2,
+        cpus_per_task=8,
+        mem_gb=32,
+        timeout_min=240,
+        array_parallelism=4,
+        additional_parameters={"qos": "high"},
+    )
     p = executor_parameters(cfg, "slurm", "sweep")
-    assert p == {"name": "mb-sweep", "timeout_min": 240, "tasks_per_node": 1, "cpus_per_task": 8, "mem_gb": 32,
-                 "gpus_per_node": 2, "slurm_partition": "gpu", "slurm_array_parallelism": 4,
-                 "slurm_signal_delay_s": 120, "slurm_additional_parameters": {"qos": "high"}}
+    assert p == {
+        "name": "mb-sweep",
+        "timeout_min": 240,
+        "tasks_per_node": 1,
+        "cpus_per_task": 8,
+        "mem_gb": 32,
+        "gpus_per_node": 2,
+        "slurm_partition": "gpu",
+        "slurm_array_parallelism": 4,
+        "slurm_signal_delay_s": 120,
+        "slurm_additional_parameters": {"qos": "high"},
+    }
     lean = executor_parameters(LauncherConfig(), "slurm", "s")
     assert "gpus_per_node" not in lean and "slurm_partition" not in lean  # never send --gpus-per-node=0
     assert executor_parameters(cfg, "debug", "s") == {"name": "mb-s", "timeout_min": 240}
@@ -116,8 +142,8 @@ def test_submit_bookkeeping_never_clobbers(tmp_path):
     assert rec.status()["state"] == "failed" and "CANCELLED" in rec.status()["reason"]
     assert not mark_lost(rec, "42_0", "again")
     assert not mark_lost(rec, "99", "another job")  # never touch a record some other job owns
-    # done runs are never touched
-    rec.write_summary({"run_hash": spec.run_hash})
+    # done runs (finished by the current code) are never touched
+    rec.write_summary({"run_hash": spec.run_hash, "code": {"parts": rec.code}})
     rec.set_status("done", job_id="42_0")
     mark_submitted(rec, "43_0", None)
     assert not mark_lost(rec, "42_0", "late")
@@ -163,8 +189,10 @@ def test_flag_wins_over_the_suite_launcher(monkeypatch, tmp_path):
     suite = write_suite(tmp_path / "s.yaml", tiny_suite("flagged", launcher={"kind": "debug", "partition": "x"}))
     assert cli.main(["run", str(suite), "--results", str(tmp_path), "--no-progress"]) == 0
     assert cli.main(["run", str(suite), "--results", str(tmp_path), "--no-progress", "--launcher", "local"]) == 0
-    assert cli.main(["run", str(suite), "--results", str(tmp_path), "--no-progress", "--launcher", "slurm",
-                     "--no-wait"]) == 0
+    assert (
+        cli.main(["run", str(suite), "--results", str(tmp_path), "--no-progress", "--launcher", "slurm", "--no-wait"])
+        == 0
+    )
     assert seen == [("debug", "debug", True), ("local", "debug", True), ("slurm", "debug", False)]
     suite2 = write_suite(tmp_path / "s2.yaml", tiny_suite("plain"))
     assert cli.main(["run", str(suite2), "--results", str(tmp_path), "--no-progress"]) == 0
@@ -175,8 +203,13 @@ def test_debug_launcher_status_failure_and_retry(flaky, tmp_path, capsys):
     """Two good runs and two that fail in plan(): records complete, status explains, rerun retries."""
     flag = flaky / "flaky.fail"
     flag.write_text("flag file present")
-    raw = tiny_suite("dbg", strategies=["random", "flaky_test"], seeds=[0, 1],
-                     plugins=[str(flaky / "flaky_test.py")], launcher={"kind": "debug", "max_array_size": 3})
+    raw = tiny_suite(
+        "dbg",
+        strategies=["random", "flaky_test"],
+        seeds=[0, 1],
+        plugins=[str(flaky / "flaky_test.py")],
+        launcher={"kind": "debug", "max_array_size": 3},
+    )
     suite = write_suite(tmp_path / "dbg.yaml", raw)
     results = tmp_path / "results"
     try:
@@ -225,8 +258,18 @@ def test_status_of_a_suite_never_run(tmp_path, capsys):
 # ------------------------------------------------------------------------------ resume == uninterrupted
 
 
-VOLATILE = {"seconds", "img_per_s", "plan_share", "wall_seconds", "train_seconds", "eval_seconds",
-            "train_img_per_s", "peak_mem_mb", "versions", "updated"}
+VOLATILE = {
+    "seconds",
+    "img_per_s",
+    "plan_share",
+    "wall_seconds",
+    "train_seconds",
+    "eval_seconds",
+    "train_img_per_s",
+    "peak_mem_mb",
+    "versions",
+    "updated",
+}
 
 
 def _stable(obj):
@@ -239,8 +282,11 @@ def _stable(obj):
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     """Two interruptions (mid-epoch 0 before any checkpoint, then mid-epoch 2) give identical final numbers."""
-    raw = tiny_suite("resume", data={"name": "synthetic", "image_size": 16, "train_subset": 256},
-                     train={"epochs": 3, "batch_size": 64, "warmup_epochs": 0.5})  # 4 steps per epoch
+    raw = tiny_suite(
+        "resume",
+        data={"name": "synthetic", "image_size": 16, "train_subset": 256},
+        train={"epochs": 3, "batch_size": 64, "warmup_epochs": 0.5},
+    )  # 4 steps per epoch
     spec = expand(parse_suite(raw))[0]
     straight = execute_run(spec, tmp_path / "a", show_progress=False)
 
@@ -273,8 +319,10 @@ def test_two_local_workers_share_a_suite_without_failures(tmp_path, capsys):
     suite = write_suite(tmp_path / "shared.yaml", raw)
     results = tmp_path / "results"
     busy_spec, free_spec = expand(parse_suite(raw))[:2]
-    holder_code = ("import fcntl, sys, time; fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
-                   "print('locked', flush=True); time.sleep(60)")
+    holder_code = (
+        "import fcntl, sys, time; fh = open(sys.argv[1], 'w'); fcntl.flock(fh, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     lock_file = RunRecord(results, busy_spec).dir / ".lock"
     lock_file.parent.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", holder_code, str(lock_file)], stdout=subprocess.PIPE, text=True)

@@ -34,8 +34,9 @@ def test_t_interval_small_and_missing():
 
 
 def test_aggregate_seeds_keeps_floor_rows():
-    df = pd.DataFrame({"strategy": ["a", "a", "a", "init"], "ratio": [0.5, 0.5, 0.5, NAN],
-                       "top1": [70.0, 71.0, 72.0, 40.0]})
+    df = pd.DataFrame(
+        {"strategy": ["a", "a", "a", "init"], "ratio": [0.5, 0.5, 0.5, NAN], "top1": [70.0, 71.0, 72.0, 40.0]}
+    )
     out = M.aggregate_seeds(df, ["strategy", "ratio"])
     a = out[out.strategy == "a"].iloc[0]
     assert a["n"] == 3 and a["mean"] == 71.0 and a["std"] == pytest.approx(1.0)

@@ -26,7 +26,8 @@ def images():
     g = torch.Generator().manual_seed(5)
     coarse = torch.randn(N, 1, 7, 7, generator=g)
     return F.interpolate(coarse, size=(S, S), mode="bilinear", align_corners=False) + 0.1 * torch.randn(
-        N, 1, S, S, generator=g)
+        N, 1, S, S, generator=g
+    )
 
 
 def ctx_for(model, seed: int) -> PlanContext:
@@ -62,7 +63,7 @@ def norm(imgs: torch.Tensor, stats=None, p: int = 4) -> torch.Tensor:
     for i in range(h // p):
         for j in range(w // p):
             for k in range(c):
-                v = x[:, k, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(n, p * p)
+                v = x[:, k, i * p : (i + 1) * p, j * p : (j + 1) * p].reshape(n, p * p)
                 mu = v.sum(1, keepdim=True) / (p * p)
                 sd = torch.sqrt(((v - mu) ** 2).sum(1, keepdim=True) / (p * p - 1))
                 out[:, i * (w // p) + j, k::c] = (v - mu) / (sd + 1e-6)
@@ -79,7 +80,7 @@ def joint_norm(imgs: torch.Tensor) -> torch.Tensor:
 def reference_losses(pred, view, target, mask, method, c=1, stats=None):
     """The zoomed-in forward_loss written out independently (spec §4.3 steps 4-5)."""
     pred_big = area(unpatchify(pred, 4, c, (7, 7)), B)
-    pc = patchify(pred_big[..., MARGIN:MARGIN + S, MARGIN:MARGIN + S], 4)
+    pc = patchify(pred_big[..., MARGIN : MARGIN + S, MARGIN : MARGIN + S], 4)
     if method == "mae":
         vt, tt = norm(view, stats), norm(target, stats)
         per = ((pc - vt) ** 2).mean(-1)
@@ -90,8 +91,12 @@ def reference_losses(pred, view, target, mask, method, c=1, stats=None):
     tb = area(unpatchify(tt, 4, c, (7, 7)), B)
     err = (lambda a, b: ((a - b) ** 2).mean()) if method == "mae" else (lambda a, b: (a - b).abs().mean())
     m = MARGIN
-    border = (err(pred_big[..., :m, :], tb[..., :m, :]) + err(pred_big[..., -m:, :], tb[..., -m:, :])
-              + err(pred_big[..., m:-m, :m], tb[..., m:-m, :m]) + err(pred_big[..., m:-m, -m:], tb[..., m:-m, -m:]))
+    border = (
+        err(pred_big[..., :m, :], tb[..., :m, :])
+        + err(pred_big[..., -m:, :], tb[..., -m:, :])
+        + err(pred_big[..., m:-m, :m], tb[..., m:-m, :m])
+        + err(pred_big[..., m:-m, -m:], tb[..., m:-m, -m:])
+    )
     return centre, border
 
 
@@ -111,7 +116,7 @@ def test_view_is_centre_crop_and_masks_are_random(models, images, method):
         plan = build_strategy("misalign", 0.75, method).plan(images, ctx_for(model, seed))
         whole = TF.resize(images, [B, B], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         assert plan.view.shape == images.shape
-        assert torch.allclose(plan.view, whole[..., MARGIN:MARGIN + S, MARGIN:MARGIN + S], atol=1e-6)
+        assert torch.allclose(plan.view, whole[..., MARGIN : MARGIN + S, MARGIN : MARGIN + S], atol=1e-6)
         assert torch.allclose(plan.target, area(whole, S), atol=1e-5)
         rnd = build_strategy("random", 0.75, method).plan(images, ctx_for(model, seed))
         assert torch.equal(plan.mask, rnd.mask)
@@ -153,7 +158,7 @@ def test_ideal_whole_view_prediction(models, images, method):
     if method == "simmim":  # raw pixels: only the resampling blur is left, far better than predicting 0
         assert centre < 0.5 * zero_c
     # rank of the centre map (S of the B area rows, columns S): < S, so no prediction fits every crop
-    assert torch.linalg.matrix_rank(area_matrix(S, B)[MARGIN:MARGIN + S]) < S
+    assert torch.linalg.matrix_rank(area_matrix(S, B)[MARGIN : MARGIN + S]) < S
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
@@ -213,9 +218,10 @@ def normalised_batch(c: int) -> torch.Tensor:
     """Smooth [0, 1] images with distinct channels and a low-contrast bottom half (where the epsilon's
     form matters), normalised with the dataset stats as the loader does."""
     g = torch.Generator().manual_seed(11)
-    raw = 0.8 * F.interpolate(torch.rand(N, c, 7, 7, generator=g), size=(S, S), mode="bilinear",
-                              align_corners=False) + 0.2 * torch.rand(N, c, S, S, generator=g)
-    raw[..., S // 2:, :] = 0.5 + 0.02 * (raw[..., S // 2:, :] - 0.5)
+    raw = 0.8 * F.interpolate(
+        torch.rand(N, c, 7, 7, generator=g), size=(S, S), mode="bilinear", align_corners=False
+    ) + 0.2 * torch.rand(N, c, S, S, generator=g)
+    raw[..., S // 2 :, :] = 0.5 + 0.02 * (raw[..., S // 2 :, :] - 0.5)
     mean, std = (torch.tensor(v).view(1, c, 1, 1) for v in STATS[c])
     return (raw - mean) / std
 
@@ -277,7 +283,7 @@ def test_dataset_stats_only_move_the_epsilon(c):
     a = strat.raw_losses(with_stats, pred, plan.view, plan.target, plan.mask)
     b = strat.raw_losses(without, pred, plan.view, plan.target, plan.mask)
     c01 = strat.raw_losses(without, pred, plan.view * std + mean, plan.target * std + mean, plan.mask)
-    for u, v, w in zip(a, b, c01):
+    for u, v, w in zip(a, b, c01, strict=True):
         assert u.item() == pytest.approx(v.item(), rel=1e-3) and u.item() != v.item()
         assert u.item() == pytest.approx(w.item(), rel=1e-5)
 
@@ -296,3 +302,47 @@ def test_pixel_stats_do_not_touch_unnormalised_losses(method, norm_pix):
     if method == "simmim":
         ref = reference_losses(pred, plan.view, plan.target, plan.mask.float(), "simmim", c)
         assert got == pytest.approx([t.item() for t in ref], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params,fragments",
+    [
+        ({"view_scale": 1.0}, ("view_scale", "1.0", "> 1")),
+        ({"view_scale": 0.5}, ("view_scale", "0.5", "> 1")),
+        ({"view_scale": float("inf")}, ("view_scale", "inf", "> 1")),
+        ({"view_scale": float("nan")}, ("view_scale", "nan", "> 1")),
+        ({"view_scale": True}, ("view_scale", "True", "number")),
+        ({"view_scale": "9/7"}, ("view_scale", "'9/7'", "number")),
+        ({"interpolation": "lanczos"}, ("interpolation", "'lanczos'", "bilinear, bicubic, area, nearest")),
+        ({"centre_weight": -0.8}, ("centre_weight", "-0.8", ">= 0")),
+        ({"border_weight": -1}, ("border_weight", "-1", ">= 0")),
+        ({"border_weight": float("nan")}, ("border_weight", "nan", ">= 0")),
+        ({"centre_weight": True}, ("centre_weight", "True", "number")),
+        ({"border_weight": "0.2"}, ("border_weight", "'0.2'", "number")),
+        ({"centre_weight": 0, "border_weight": 0}, ("centre_weight", "border_weight", "0")),
+        ({"degradation": "blur"}, ("degradation", "'blur'", "zoom_in")),
+    ],
+)
+def test_invalid_parameters_are_one_line_errors(params, fragments):
+    with pytest.raises(BenchError) as err:
+        build_strategy("misalign", 0.75, "mae", params)
+    msg = str(err.value)
+    assert "\n" not in msg and "'misalign'" in msg
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"view_scale": 1.5},
+        {"view_scale": 2},
+        {"interpolation": "area"},
+        {"centre_weight": 1, "border_weight": 0},
+        {"centre_weight": 0.0},
+        {"border_weight": 0},
+    ],
+)
+def test_valid_parameters_are_accepted(params):
+    strategy = build_strategy("misalign", 0.75, "mae", params)
+    assert strategy.params == {**type(strategy).defaults, **params}

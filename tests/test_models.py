@@ -102,7 +102,7 @@ def test_patchify_round_trip_and_layout(c, size, p):
     assert tokens.shape == (2, g * g, p * p * c)
     assert torch.equal(unpatchify(tokens, p, c, (g, g)), x)
     h, w = 1, g - 1  # token index is row-major, pixels inside a token are (p, p, C)
-    expected = x[1, :, h * p:(h + 1) * p, w * p:(w + 1) * p].permute(1, 2, 0).reshape(-1)
+    expected = x[1, :, h * p : (h + 1) * p, w * p : (w + 1) * p].permute(1, 2, 0).reshape(-1)
     assert torch.equal(tokens[1, h * g + w], expected)
 
 

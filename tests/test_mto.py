@@ -119,16 +119,34 @@ def test_mae_isolation_in_decoder(models, images, fresh_model):
 def tiny_example():
     """N=1, 2 heads, L=2 tokens, token 1 (T-index 1) hidden, token 2 (T-index 2) visible; T-index 0 = cls."""
     mask = torch.tensor([[True, False]])
-    P = torch.tensor([[[[0.5, 0.2, 0.3],     # cls (visible)
-                        [0.1, 0.6, 0.3],     # hidden query
-                        [0.2, 0.4, 0.4]],    # visible query
-                       [[1 / 3, 1 / 3, 1 / 3]] * 3]])
-    A = torch.tensor([[[[0.625, 0.0, 0.375],  # visible rows: no weight on the hidden key
-                        [0.25, 0.5, 0.25],
-                        [1 / 3, 0.0, 2 / 3]],
-                       [[0.5, 0.0, 0.5],
-                        [0.5, 0.5, 0.0],      # a hidden row with an exact zero: 0·log 0 = 0
-                        [0.5, 0.0, 0.5]]]])
+    P = torch.tensor(
+        [
+            [
+                [
+                    [0.5, 0.2, 0.3],  # cls (visible)
+                    [0.1, 0.6, 0.3],  # hidden query
+                    [0.2, 0.4, 0.4],
+                ],  # visible query
+                [[1 / 3, 1 / 3, 1 / 3]] * 3,
+            ]
+        ]
+    )
+    A = torch.tensor(
+        [
+            [
+                [
+                    [0.625, 0.0, 0.375],  # visible rows: no weight on the hidden key
+                    [0.25, 0.5, 0.25],
+                    [1 / 3, 0.0, 2 / 3],
+                ],
+                [
+                    [0.5, 0.0, 0.5],
+                    [0.5, 0.5, 0.0],  # a hidden row with an exact zero: 0·log 0 = 0
+                    [0.5, 0.0, 0.5],
+                ],
+            ]
+        ]
+    )
     return P, A, mask
 
 
@@ -170,8 +188,9 @@ def test_terms_pool_over_samples_and_finite_gradient():
 @pytest.mark.parametrize("method,schedule", [("mae", "first_half"), ("simmim", "first_half"), ("simmim", "linear")])
 def test_losses_wiring(models, images, method, schedule):
     model = models[method]
-    strat = build_strategy("mto", 0.75, method, {"depth_schedule": schedule, "lambda_spa": 0.3,
-                                                 "lambda_e": 0.2, "lambda_r": 0.5})
+    strat = build_strategy(
+        "mto", 0.75, method, {"depth_schedule": schedule, "lambda_spa": 0.3, "lambda_e": 0.2, "lambda_r": 0.5}
+    )
     with torch.no_grad():
         plan = strat.plan(images, ctx_for(model, 2))
         out = model(images, plan.mask, plan.isolate_mask_tokens, plan.record_attention)
@@ -220,3 +239,41 @@ def test_zero_lambdas_give_plain_recon(models, images, method):
     assert loss.item() == terms["recon"].item()
     assert terms["mto_spa"] == 0 and terms["mto_e"] == 0 and terms["mto_r"] == 0
     assert loss.item() == pytest.approx(model.reconstruction_loss(out.pred, images, plan.mask).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "params,fragments",
+    [
+        ({"recalibrate": 1}, ("recalibrate", "1", "true or false")),
+        ({"recalibrate": "no"}, ("recalibrate", "'no'", "true or false")),
+        ({"depth_schedule": "last"}, ("depth_schedule", "'last'", "first_half, linear")),
+        ({"lambda_spa": -0.1}, ("lambda_spa", "-0.1", ">= 0")),
+        ({"lambda_e": float("inf")}, ("lambda_e", "inf", ">= 0")),
+        ({"lambda_r": float("nan")}, ("lambda_r", "nan", ">= 0")),
+        ({"lambda_r": True}, ("lambda_r", "True", "number")),
+        ({"lambda_spa": "abc"}, ("lambda_spa", "'abc'", "number")),
+        ({"spa_include_cls": 0}, ("spa_include_cls", "0", "true or false")),
+    ],
+)
+def test_invalid_parameters_are_one_line_errors(params, fragments):
+    with pytest.raises(BenchError) as err:
+        build_strategy("mto", 0.75, "mae", params)
+    msg = str(err.value)
+    assert "\n" not in msg and "'mto'" in msg
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"lambda_spa": 0},
+        {"lambda_e": 1},
+        {"lambda_r": 0.01},
+        {"recalibrate": False},
+        {"spa_include_cls": False},
+        {"depth_schedule": "linear"},
+    ],
+)
+def test_valid_parameters_are_accepted(params):
+    assert build_strategy("mto", 0.75, "mae", params).params == {**build_strategy("mto", 0.75).params, **params}

@@ -21,8 +21,11 @@ def readme_plugin(name: str) -> str:
     text = (REPO / "README.md").read_text()
     block = re.search(r"```python\n(# strategies/center_first\.py.*?)```", text, re.S)
     assert block, "README lost its 'add a strategy' example"
-    return block.group(1).replace('name = "center_first"', f'name = "{name}"').replace(
-        "class CenterFirst", f"class CenterFirst_{name}")
+    return (
+        block.group(1)
+        .replace('name = "center_first"', f'name = "{name}"')
+        .replace("class CenterFirst", f"class CenterFirst_{name}")
+    )
 
 
 CHECK = textwrap.dedent("""
@@ -44,8 +47,13 @@ CHECK = textwrap.dedent("""
 
 
 def run_check(name: str, *plugins: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CHECK, name, *plugins], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", CHECK, name, *plugins],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
 
 
 def test_file_in_strategies_folder():
@@ -77,8 +85,7 @@ def test_installed_entry_point(tmp_path):
     dist = pkg / "my_masking_pkg-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-masking-pkg\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        f"[masking_bench.strategies]\n{name} = my_masking_pkg:CenterFirst_{name}\n")
+    (dist / "entry_points.txt").write_text(f"[masking_bench.strategies]\n{name} = my_masking_pkg:CenterFirst_{name}\n")
     proc = run_check(name, env={"PYTHONPATH": str(pkg)})
     assert proc.returncode == 0, proc.stderr
 
@@ -88,16 +95,22 @@ def test_plugin_by_path_in_a_suite_run(tmp_path):
     name = f"suite_{uuid.uuid4().hex[:8]}"
     (tmp_path / "mine.py").write_text(readme_plugin(name))
     suite = tmp_path / "s.yaml"
-    suite.write_text(textwrap.dedent(f"""
+    suite.write_text(
+        textwrap.dedent(f"""
         data: {{name: synthetic}}
         strategies: [{name}]
         ratios: [0.75]
         plugins: [mine.py]
         train: {{epochs: 1, batch_size: 64}}
         eval: {{random_init: false, probe: {{epochs: 2}}}}
-    """))
-    proc = subprocess.run([sys.executable, "-m", "masking_bench", "run", str(suite), "--results",
-                           str(tmp_path / "res"), "--no-progress"], capture_output=True, text=True, cwd=REPO)
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "masking_bench", "run", str(suite), "--results", str(tmp_path / "res"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     summaries = list((tmp_path / "res" / "runs" / "s").glob("*/summary.json"))
     assert len(summaries) == 1
@@ -107,8 +120,9 @@ def test_plugin_by_path_in_a_suite_run(tmp_path):
 def test_bad_plugin_is_one_line(tmp_path):
     bad = tmp_path / "broken.py"
     bad.write_text("import does_not_exist_anywhere\n")
-    proc = subprocess.run([sys.executable, "-m", "masking_bench", "list", "--plugin", str(bad)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "masking_bench", "list", "--plugin", str(bad)], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: plugin")
     assert "Traceback" not in proc.stderr
@@ -116,6 +130,10 @@ def test_bad_plugin_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("missing", ["nope.py", "not_python.txt"])
 def test_missing_plugin_path(tmp_path, missing):
-    proc = subprocess.run([sys.executable, "-m", "masking_bench", "list", "--plugin", str(tmp_path / missing)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "masking_bench", "list", "--plugin", str(tmp_path / missing)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 2 and "is not a Python file" in proc.stderr

@@ -22,9 +22,18 @@ INTERP = {"random": False, "block": False, "sbam": True}
 
 
 def _suite(name="fx", ratios=(0.5, 0.7, 0.9), seeds=(0, 1, 2), strategies=("random", "block", "sbam"), **extra):
-    raw = {"name": name, "method": "mae", "model": "cpu-tiny", "data": {"name": "synthetic"},
-           "strategies": list(strategies), "ratios": list(ratios), "seeds": list(seeds),
-           "train": {"epochs": EPOCHS}, "eval": {"every": 2, "every_protocols": ["knn"]}, **extra}
+    raw = {
+        "name": name,
+        "method": "mae",
+        "model": "cpu-tiny",
+        "data": {"name": "synthetic"},
+        "strategies": list(strategies),
+        "ratios": list(ratios),
+        "seeds": list(seeds),
+        "train": {"epochs": EPOCHS},
+        "eval": {"every": 2, "every_protocols": ["knn"]},
+        **extra,
+    }
     return parse_suite(raw)
 
 
@@ -46,21 +55,51 @@ def write_records(results: Path, suite=None, protocols=("probe", "knn"), curves=
         rec = RunRecord(results, spec)
         rec.write_config()
         pre = spec.kind == "pretrain"
-        summary = {"run_hash": spec.run_hash, "suite": spec.suite, "kind": spec.kind, "strategy": spec.label,
-                   "ratio": spec.ratio, "seed": spec.seed, "method": spec.method, "model": spec.model.preset,
-                   "epochs": EPOCHS if pre else 0, "params_encoder": 12345, "wall_seconds": 10.0 + spec.seed,
-                   "eval_seconds": 2.0, "train_seconds": 8.0 + spec.seed if pre else 0.0}
+        summary = {
+            "run_hash": spec.run_hash,
+            "suite": spec.suite,
+            "kind": spec.kind,
+            "strategy": spec.label,
+            "ratio": spec.ratio,
+            "seed": spec.seed,
+            "method": spec.method,
+            "model": spec.model.preset,
+            "epochs": EPOCHS if pre else 0,
+            "params_encoder": 12345,
+            "wall_seconds": 10.0 + spec.seed,
+            "eval_seconds": 2.0,
+            "train_seconds": 8.0 + spec.seed if pre else 0.0,
+        }
         for p in protocols:
             summary[f"{p}_top1"] = _acc(p, spec.label, spec.ratio or 0.0, spec.seed, 1.0)
         if pre:
-            summary.update(strategy_info={"name": spec.strategy.name, "params": {},
-                                          "interpretation": INTERP[spec.label], "needs": [], "source": "test"},
-                           train_img_per_s=1000.0 + 10 * spec.seed, flops_per_image=2e7 * (1.2 - spec.ratio),
-                           plan_share=0.01 * (1 + spec.seed), peak_mem_mb=300.0, final_loss=0.5)
+            summary.update(
+                strategy_info={
+                    "name": spec.strategy.name,
+                    "params": {},
+                    "interpretation": INTERP[spec.label],
+                    "needs": [],
+                    "source": "test",
+                },
+                train_img_per_s=1000.0 + 10 * spec.seed,
+                flops_per_image=2e7 * (1.2 - spec.ratio),
+                plan_share=0.01 * (1 + spec.seed),
+                peak_mem_mb=300.0,
+                final_loss=0.5,
+            )
             for epoch in range(EPOCHS):
-                row = {"epoch": epoch, "loss": 1.0 - 0.1 * epoch, "lr": 1e-3, "seconds": 2.0 + 0.1 * spec.seed,
-                       "images": 2048, "img_per_s": 1000.0, "mask_ratio_mean": spec.ratio,
-                       "mask_ratio_min": spec.ratio, "mask_ratio_max": spec.ratio, "plan_share": 0.01}
+                row = {
+                    "epoch": epoch,
+                    "loss": 1.0 - 0.1 * epoch,
+                    "lr": 1e-3,
+                    "seconds": 2.0 + 0.1 * spec.seed,
+                    "images": 2048,
+                    "img_per_s": 1000.0,
+                    "mask_ratio_mean": spec.ratio,
+                    "mask_ratio_min": spec.ratio,
+                    "mask_ratio_max": spec.ratio,
+                    "plan_share": 0.01,
+                }
                 if curves and epoch == 1:  # scheduled evaluation after 2 epochs
                     row["eval"] = {"knn_top1": _acc("knn", spec.label, spec.ratio, spec.seed, 0.6)}
                 if epoch == EPOCHS - 1:  # the trainer appends the final evaluation to the last row
@@ -169,8 +208,9 @@ def test_empty_results_is_one_line_error(tmp_path):
 
 
 def test_single_ratio_no_curves_skips_plots(tmp_path):
-    write_records(tmp_path, _suite(name="one", ratios=[0.75], seeds=[0], strategies=["block"]),
-                  protocols=("probe",), curves=False)
+    write_records(
+        tmp_path, _suite(name="one", ratios=[0.75], seeds=[0], strategies=["block"]), protocols=("probe",), curves=False
+    )
     path = write_report(tmp_path)
     text = path.read_text()
     assert "plot skipped" in text and "two masking ratios" in text
@@ -193,8 +233,16 @@ def test_unfinished_runs_are_ignored(tmp_path):
 
 
 def test_grid_variants_share_the_untrained_floor(tmp_path):
-    write_records(tmp_path, _suite(name="g", ratios=[0.6, 0.8], seeds=[0, 1], strategies=["random", "block"],
-                                   grid={"train.base_lr": [0.001, 0.002]}))
+    write_records(
+        tmp_path,
+        _suite(
+            name="g",
+            ratios=[0.6, 0.8],
+            seeds=[0, 1],
+            strategies=["random", "block"],
+            grid={"train.base_lr": [0.001, 0.002]},
+        ),
+    )
     write_report(tmp_path)
     acc = pd.read_csv(tmp_path / "leaderboards" / "accuracy.csv", keep_default_na=False)
     assert set(acc["variant"]) == {"", "train.base_lr=0.001", "train.base_lr=0.002"}

@@ -51,7 +51,7 @@ def reference_saliency_guided_masking(x, base, var, delta, gen, scaled=False):
     n, length, d = x.shape
     aff = torch.matmul(x, x.permute(0, 2, 1))
     if scaled:
-        aff = aff / d ** 0.5
+        aff = aff / d**0.5
     aff = F.softmax(aff, dim=2)
     aff_sum = torch.sum(aff, dim=1)
     lo = aff_sum.min(dim=1, keepdim=True)[0]
@@ -91,7 +91,8 @@ def test_sbam_matches_reference(model, images, ratio, scaled):
     for seed in (0, 1, 2):
         plan = build_strategy("sbam", ratio, params={"scaled": scaled}).plan(images, ctx_for(model, seed))
         ref_mask, ref_sal = reference_saliency_guided_masking(
-            reference_embeddings(model, images), ratio, 0.0, 0.5, torch.Generator().manual_seed(seed), scaled)
+            reference_embeddings(model, images), ratio, 0.0, 0.5, torch.Generator().manual_seed(seed), scaled
+        )
         assert torch.equal(plan.mask, ref_mask)
         assert torch.equal(plan.diagnostics["salience"], ref_sal)
 
@@ -101,7 +102,8 @@ def test_sbam_amr_batch_matches_reference(model, images):
         strat = build_strategy("sbam_amr", 0.75, params={"delta_ratio": var, "threshold": delta})
         plan = strat.plan(images, ctx_for(model, seed))
         ref_mask, _ = reference_saliency_guided_masking(
-            reference_embeddings(model, images), 0.75, var, delta, torch.Generator().manual_seed(seed))
+            reference_embeddings(model, images), 0.75, var, delta, torch.Generator().manual_seed(seed)
+        )
         assert torch.equal(plan.mask, ref_mask)
 
 
@@ -140,8 +142,11 @@ def test_most_salient_token_always_hidden(model, images):
 
 @pytest.mark.parametrize("source", ["embeddings", "attention"])
 def test_salience_normalised(model, images, source):
-    sal = build_strategy("sbam", 0.75, params={"salience_source": source}).plan(
-        images, ctx_for(model, 0)).diagnostics["salience"]
+    sal = (
+        build_strategy("sbam", 0.75, params={"salience_source": source})
+        .plan(images, ctx_for(model, 0))
+        .diagnostics["salience"]
+    )
     assert sal.shape == (images.shape[0], L) and sal.dtype == torch.float32
     assert (sal >= 0).all() and (sal <= 1).all()
     assert torch.allclose(sal.min(dim=1).values, torch.zeros(images.shape[0]), atol=1e-6)
@@ -334,8 +339,73 @@ def test_describe_and_validation():
     amr = build_strategy("sbam_amr", 0.75, params={"mode": "sample"}).describe()
     assert amr["interpretation"] is True and amr["variant"] == "SBAM-AMR-sample"
     assert SalienceMasking.interpretation is False and SalienceAdaptiveRatio.interpretation is True
-    for name, params in [("sbam", {"salience_source": "decoder"}), ("sbam", {"noise_scale": -1}),
-                         ("sbam", {"warmup_epochs": 1.5}), ("sbam_amr", {"mode": "image"}),
-                         ("sbam", {"salience_source": "attention", "scaled": True}), ("sbam", {"mode": "batch"})]:
+    for name, params in [
+        ("sbam", {"salience_source": "decoder"}),
+        ("sbam", {"noise_scale": -1}),
+        ("sbam", {"warmup_epochs": 1.5}),
+        ("sbam_amr", {"mode": "image"}),
+        ("sbam", {"salience_source": "attention", "scaled": True}),
+        ("sbam", {"mode": "batch"}),
+    ]:
         with pytest.raises(BenchError):
             build_strategy(name, 0.75, params=params)
+
+
+@pytest.mark.parametrize(
+    "name,params,fragments",
+    [
+        ("sbam", {"noise_scale": -0.1}, ("noise_scale", "-0.1", ">= 0")),
+        ("sbam", {"noise_scale": float("inf")}, ("noise_scale", "inf", ">= 0")),
+        ("sbam", {"noise_scale": float("nan")}, ("noise_scale", "nan", ">= 0")),
+        ("sbam", {"noise_scale": True}, ("noise_scale", "True", "number")),
+        ("sbam", {"noise_scale": "0.5"}, ("noise_scale", "'0.5'", "number")),
+        ("sbam", {"scaled": 1}, ("scaled", "1", "true or false")),
+        ("sbam", {"scaled": "yes"}, ("scaled", "'yes'", "true or false")),
+        ("sbam", {"salience_source": "decoder"}, ("salience_source", "'decoder'", "embeddings, attention")),
+        ("sbam", {"salience_source": None}, ("salience_source", "None", "embeddings, attention")),
+        ("sbam", {"warmup_epochs": -1}, ("warmup_epochs", "-1", ">= 0")),
+        ("sbam", {"warmup_epochs": 1.5}, ("warmup_epochs", "1.5", "integer")),
+        ("sbam", {"warmup_epochs": True}, ("warmup_epochs", "True", "integer")),
+        ("sbam", {"warmup_epochs": "2"}, ("warmup_epochs", "'2'", "integer")),
+        ("sbam_amr", {"noise_scale": -1}, ("noise_scale", "-1", ">= 0")),
+        ("sbam_amr", {"warmup_epochs": -2}, ("warmup_epochs", "-2", ">= 0")),
+        ("sbam_amr", {"delta_ratio": -0.1}, ("delta_ratio", "-0.1", "[0, 1]")),
+        ("sbam_amr", {"delta_ratio": 1.5}, ("delta_ratio", "1.5", "[0, 1]")),
+        ("sbam_amr", {"delta_ratio": True}, ("delta_ratio", "True", "number")),
+        ("sbam_amr", {"delta_ratio": "0.1"}, ("delta_ratio", "'0.1'", "number")),
+        ("sbam_amr", {"threshold": -0.5}, ("threshold", "-0.5", "[0, 1]")),
+        ("sbam_amr", {"threshold": 1.5}, ("threshold", "1.5", "[0, 1]")),
+        ("sbam_amr", {"threshold": float("nan")}, ("threshold", "nan", "[0, 1]")),
+        ("sbam_amr", {"threshold": False}, ("threshold", "False", "number")),
+        ("sbam_amr", {"mode": "image"}, ("mode", "'image'", "batch, sample")),
+    ],
+)
+def test_invalid_parameters_are_one_line_errors(name, params, fragments):
+    with pytest.raises(BenchError) as err:
+        build_strategy(name, 0.75, params=params)
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{name}'" in msg
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("sbam", {"noise_scale": 0}),
+        ("sbam", {"noise_scale": 1}),
+        ("sbam", {"noise_scale": 0.25}),
+        ("sbam", {"warmup_epochs": 2}),
+        ("sbam", {"warmup_epochs": 2.0}),
+        ("sbam", {"scaled": True}),
+        ("sbam_amr", {"delta_ratio": 0}),
+        ("sbam_amr", {"delta_ratio": 0.2}),
+        ("sbam_amr", {"threshold": 0}),
+        ("sbam_amr", {"threshold": 1}),
+        ("sbam_amr", {"threshold": 0.3}),
+        ("sbam_amr", {"mode": "sample"}),
+    ],
+)
+def test_valid_parameters_are_accepted(name, params):
+    strategy = build_strategy(name, 0.75, params=params)
+    assert strategy.params == {**type(strategy).defaults, **params}  # the record keeps them as given

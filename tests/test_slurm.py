@@ -27,8 +27,10 @@ from masking_bench.store import RunRecord
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
-MICRO = {"preset": "cpu-tiny",
-         "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2}}
+MICRO = {
+    "preset": "cpu-tiny",
+    "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2},
+}
 TINY_EVAL = {"probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}, "random_init": False}
 LAUNCHER = {"kind": "slurm", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 15}
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -38,7 +40,7 @@ FLAKY_PLUGIN = flaky_plugin("flaky_slurm", "tests/test_slurm.py")
 
 # Random masking that also sleeps in plan(): epochs last long enough to be interrupted on any machine,
 # without burning CPU (the numbers are unaffected: sleeping draws no random numbers).
-SLOW_PLUGIN = '''
+SLOW_PLUGIN = """
 import time
 
 from masking_bench.masking import MaskingStrategy, MaskPlan, hide_lowest_first, num_hidden, register
@@ -53,7 +55,7 @@ class SlowSlurmMasking(MaskingStrategy):
         time.sleep(0.06)
         noise = ctx.rand(images.shape[0], ctx.num_tokens)
         return MaskPlan(mask=hide_lowest_first(noise, num_hidden(ctx.num_tokens, self.ratio)))
-'''
+"""
 
 
 def _cluster_problem() -> str | None:
@@ -62,8 +64,9 @@ def _cluster_problem() -> str | None:
             return f"'{tool}' not on PATH (no SLURM client; see scripts/slurm-local-up.sh)"
     try:
         nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-        acct = subprocess.run(["sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hours"], capture_output=True,
-                              text=True, timeout=20)
+        acct = subprocess.run(
+            ["sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hours"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"SLURM does not answer: {exc}"
     if nodes.returncode != 0:
@@ -93,10 +96,18 @@ def slow(tmp_path_factory) -> str:
 
 def _slow_suite(name: str, slow: str, epochs: int, seed: int) -> dict:
     """32 steps of >= 60 ms per epoch: each epoch takes >= 2 s, however fast the machine."""
-    return {"name": name, "data": {"name": "synthetic", "image_size": 16}, "model": MICRO,
-            "strategies": ["slow_slurm"], "ratios": [0.75], "seeds": [seed], "plugins": [slow],
-            "train": {"epochs": epochs, "batch_size": 16, "warmup_epochs": 1}, "eval": TINY_EVAL,
-            "launcher": LAUNCHER}
+    return {
+        "name": name,
+        "data": {"name": "synthetic", "image_size": 16},
+        "model": MICRO,
+        "strategies": ["slow_slurm"],
+        "ratios": [0.75],
+        "seeds": [seed],
+        "plugins": [slow],
+        "train": {"epochs": epochs, "batch_size": 16, "warmup_epochs": 1},
+        "eval": TINY_EVAL,
+        "launcher": LAUNCHER,
+    }
 
 
 @pytest.fixture
@@ -144,11 +155,17 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
     (tmp_path / "flaky_slurm.py").write_text(FLAKY_PLUGIN)
     flag = tmp_path / "flaky.fail"
     flag.write_text("inside the SLURM job")
-    raw = {"name": "slurm_smoke", "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
-           "model": MICRO, "strategies": ["random", "flaky_slurm"], "ratios": [0.75],
-           "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5},
-           "eval": {**TINY_EVAL, "random_init": True}, "plugins": [str(tmp_path / "flaky_slurm.py")],
-           "launcher": {**LAUNCHER, "max_array_size": 2}}
+    raw = {
+        "name": "slurm_smoke",
+        "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
+        "model": MICRO,
+        "strategies": ["random", "flaky_slurm"],
+        "ratios": [0.75],
+        "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5},
+        "eval": {**TINY_EVAL, "random_init": True},
+        "plugins": [str(tmp_path / "flaky_slurm.py")],
+        "launcher": {**LAUNCHER, "max_array_size": 2},
+    }
     suite = _write_suite(tmp_path / "slurm_smoke.yaml", raw)
     results = tmp_path / "results"
     t0 = time.perf_counter()
@@ -187,8 +204,13 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
     end = time.monotonic() + 60
     while True:
         lines = status_lines()
-        ok = all(all(w in lines[name] for w in (("failed", "FAILED", "planned failure") if name == "flaky_slurm"
-                                                else ("done", "COMPLETED"))) for name in lines)
+        ok = all(
+            all(
+                w in lines[name]
+                for w in (("failed", "FAILED", "planned failure") if name == "flaky_slurm" else ("done", "COMPLETED"))
+            )
+            for name in lines
+        )
         if ok or time.monotonic() > end:
             break
         time.sleep(1)
@@ -205,9 +227,16 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
 
 def test_one_run_latency_through_slurm(cluster, in_repo, tmp_path, capsys):
     """Submit-to-result latency of one tiny run, against the same run in-process."""
-    raw = {"name": "slurm_one", "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
-           "model": MICRO, "strategies": ["random"], "ratios": [0.75],
-           "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5}, "eval": TINY_EVAL, "launcher": LAUNCHER}
+    raw = {
+        "name": "slurm_one",
+        "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
+        "model": MICRO,
+        "strategies": ["random"],
+        "ratios": [0.75],
+        "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5},
+        "eval": TINY_EVAL,
+        "launcher": LAUNCHER,
+    }
     suite = _write_suite(tmp_path / "one.yaml", raw)
     t0 = time.perf_counter()
     assert cli.main(["run", str(suite), "--results", str(tmp_path / "r"), "--no-progress", "--no-wait"]) == 0
@@ -235,8 +264,12 @@ def test_requeue_mid_run_resumes_and_matches_uninterrupted(cluster, in_repo, slo
     job_id = rec.status()["job_id"]
     assert JOB_ID.match(job_id)
 
-    _wait(lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running", 180,
-          "the first epoch checkpoint", rec)
+    _wait(
+        lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running",
+        180,
+        "the first epoch checkpoint",
+        rec,
+    )
     epochs_before = len(rec.read_metrics())
     assert epochs_before < spec.train.epochs - 3, "the run is too fast for this test"
     t_requeue = time.perf_counter()
@@ -256,8 +289,11 @@ def test_requeue_mid_run_resumes_and_matches_uninterrupted(cluster, in_repo, slo
     rows = rec.read_metrics()
     assert [r["epoch"] for r in rows] == list(range(spec.train.epochs))  # no epoch lost or duplicated
     log = Path(final.get("log") or rec.status().get("log") or "")
-    starts = [line for line in log.read_text().splitlines() if line.startswith("masking_bench: run")] \
-        if log.is_file() else []
+    starts = (
+        [line for line in log.read_text().splitlines() if line.startswith("masking_bench: run")]
+        if log.is_file()
+        else []
+    )
     assert sum(" restart " in line for line in starts) == 2, starts
 
     summary = rec.read_summary()
@@ -269,7 +305,7 @@ def test_requeue_mid_run_resumes_and_matches_uninterrupted(cluster, in_repo, slo
     assert cli.main(["status", str(suite), "--results", str(results)]) == 0
     # the run's line starts with its hash (the job id alone may also occur in a printed timing)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(spec.run_hash[:12]))
-    assert re.search(r" done +8/8 +%s +\S+ +1\b" % re.escape(job_id), line), line  # slurm column may lag
+    assert re.search(rf" done +8/8 +{re.escape(job_id)} +\S+ +1\b", line), line  # slurm column may lag
 
 
 def test_preemption_signal_checkpoints_and_requeues(cluster, in_repo, slow, tmp_path, capsys):
@@ -282,31 +318,48 @@ def test_preemption_signal_checkpoints_and_requeues(cluster, in_repo, slow, tmp_
     rec = RunRecord(results, spec)
     assert cli.main(["run", str(suite), "--results", str(results), "--no-progress", "--no-wait"]) == 0
     job_id = rec.status()["job_id"]
-    _wait(lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running", 180,
-          "the first epoch checkpoint", rec)
+    _wait(
+        lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running",
+        180,
+        "the first epoch checkpoint",
+        rec,
+    )
     import submitit
 
     t0 = time.perf_counter()
     submitit.SlurmJob(folder=str(tmp_path / "unused"), job_id=job_id)._interrupt()
-    held = _wait(lambda: (s := rec.status()).get("state") == "pending" and "requeued" in s.get("note", "") and s,
-                 60, "the checkpoint() status", rec, step=0.05)
+    held = _wait(
+        lambda: (s := rec.status()).get("state") == "pending" and "requeued" in s.get("note", "") and s,
+        60,
+        "the checkpoint() status",
+        rec,
+        step=0.05,
+    )
     assert held["job_id"] == job_id
     _wait(rec.is_done, 300, "the preempted run to finish", rec)
     _timing("preemption signal -> run done", time.perf_counter() - t0)
     final = rec.status()
     assert final["restarts"] == 1 and final["epochs_at_start"] >= 1, final
     assert [r["epoch"] for r in rec.read_metrics()] == list(range(spec.train.epochs))
-    assert "Calling checkpoint method" in Path(final["log"]).with_suffix(".err").read_text() \
+    assert (
+        "Calling checkpoint method" in Path(final["log"]).with_suffix(".err").read_text()
         or "Calling checkpoint method" in Path(final["log"]).read_text()
+    )
 
 
 def test_data_parallel_run_through_slurm(cluster, in_repo, tmp_path, capsys):
     """tasks_per_node: 2 -> one job, two gloo processes (torchrun variables from submitit); rank 0 owns the
     record, and the loss curve follows the single-process run."""
-    raw = {"name": "slurm_ddp", "data": {"name": "synthetic", "image_size": 16, "train_subset": 256},
-           "model": MICRO, "strategies": ["random"], "ratios": [0.75],
-           "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5}, "eval": TINY_EVAL,
-           "launcher": {**LAUNCHER, "tasks_per_node": 2}}
+    raw = {
+        "name": "slurm_ddp",
+        "data": {"name": "synthetic", "image_size": 16, "train_subset": 256},
+        "model": MICRO,
+        "strategies": ["random"],
+        "ratios": [0.75],
+        "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5},
+        "eval": TINY_EVAL,
+        "launcher": {**LAUNCHER, "tasks_per_node": 2},
+    }
     suite = _write_suite(tmp_path / "ddp.yaml", raw)
     results = tmp_path / "results"
     code = cli.main(["run", str(suite), "--results", str(results), "--no-progress"])
@@ -319,7 +372,7 @@ def test_data_parallel_run_through_slurm(cluster, in_repo, tmp_path, capsys):
     reference = execute_run(spec, tmp_path / "single", show_progress=False)
     ddp_rows, single_rows = rec.read_metrics(), RunRecord(tmp_path / "single", spec).read_metrics()
     assert [r["epoch"] for r in ddp_rows] == [0, 1]
-    for a, b in zip(single_rows, ddp_rows):
+    for a, b in zip(single_rows, ddp_rows, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["mask_ratio_mean"] == b["mask_ratio_mean"]
     assert rec.read_summary()["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-4, abs=1e-5)
@@ -336,11 +389,16 @@ def test_cancelled_job_is_reported_and_the_next_run_resumes(cluster, in_repo, sl
     spec = expand(parse_suite(raw))[0]
     rec = RunRecord(results, spec)
     codes = []
-    waiter = threading.Thread(target=lambda: codes.append(
-        cli.main(["run", str(suite), "--results", str(results), "--no-progress"])))
+    waiter = threading.Thread(
+        target=lambda: codes.append(cli.main(["run", str(suite), "--results", str(results), "--no-progress"]))
+    )
     waiter.start()
-    _wait(lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running", 180,
-          "the first epoch checkpoint", rec)
+    _wait(
+        lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running",
+        180,
+        "the first epoch checkpoint",
+        rec,
+    )
     job_id = rec.status()["job_id"]
     subprocess.run(["scancel", job_id], check=True)
     waiter.join(timeout=120)

@@ -14,7 +14,14 @@ def test_data_vs_model(benchmark, setup, record):
     result = record("data", bench.data_vs_model(setup, rounds=7))
     assert result["ratio"] > 0
     ds = setup.dataset
-    loader = TensorLoader(ds.train.subset(20_000, seed=0), setup.batch_size, ds.mean, ds.std, device=setup.device,
-                          seed=0, augment=Augment())
+    loader = TensorLoader(
+        ds.train.subset(20_000, seed=0),
+        setup.batch_size,
+        ds.mean,
+        ds.std,
+        device=setup.device,
+        seed=0,
+        augment=Augment(),
+    )
     it = iter(loader.batches(0))
     benchmark.pedantic(lambda: (next(it), bench.sync(setup.device)), rounds=30, warmup_rounds=2)

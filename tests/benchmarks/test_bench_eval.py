@@ -17,5 +17,6 @@ def test_eval_feature_extraction(benchmark, setup, record):
     ds = setup.dataset
     split = Split(ds.test.images[:1024], ds.test.labels[:1024])
     model = bench.make_model(setup.spec(), ds).to(setup.device)
-    benchmark.pedantic(lambda: extract_features(model, split, ds.mean, ds.std, "mean", 1024, setup.device),
-                       rounds=2, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: extract_features(model, split, ds.mean, ds.std, "mean", 1024, setup.device), rounds=2, warmup_rounds=1
+    )

@@ -15,7 +15,9 @@ def test_plan_share(benchmark, setup, bf16, label):
 
     pytest-benchmark times ``plan`` alone (as the trainer's step calls it).
     """
-    one = bench.plan_share(setup, {label: bench.PLAN_STRATEGIES[label]}, rounds=5, fast=bench.FAST_STEP if bf16 else None)
+    one = bench.plan_share(
+        setup, {label: bench.PLAN_STRATEGIES[label]}, rounds=5, fast=bench.FAST_STEP if bf16 else None
+    )
     merged = RESULTS.setdefault("plan", {"rounds": one["rounds"], "strategies": {}})
     merged["strategies"].update(one["strategies"])
     merged["max_share"] = max(v["share"] for v in merged["strategies"].values())
