@@ -24,26 +24,23 @@ Device-agnostic: everything takes a ``torch.device``; CUDA is synchronised aroun
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from .config import DataConfig, EvalConfig, ModelConfig, RunSpec, StrategyRef, TrainConfig
 from .data import Augment, Dataset, TensorLoader, load_dataset, make_synthetic
 from .errors import DataMissingError
 from .masking import build_strategy
-from .models import PRESETS, patchify, sincos_pos_embed_2d
+from .reference_mae import ReferenceStep
 from .train import TrainStep, make_model, make_optimizer, mask_seed, pick_device, training_flops_per_image
 
-# The strategies of issue 6, target 3 (label -> (registry name, params)).
+# The strategies whose planning share is measured (label -> (registry name, params)).
 PLAN_STRATEGIES: dict[str, tuple[str, dict]] = {
     "random": ("random", {}),
     "block": ("block", {}),
@@ -107,11 +104,16 @@ def interleaved(
 ) -> Timings:
     """Time each contender ``rounds`` times, interleaved (A B C, C B A, A B C, ...).
 
-    ``inner`` calls per timed round (an int or per contender) amortise very short calls; every
-    round records seconds per call. ``warmup`` untimed rounds first (allocator, autotuning, compile).
+    Each timed round is a ``torch.utils.benchmark.Timer.timeit`` of ``inner`` calls (an int or per
+    contender; it synchronises CUDA around the calls), so every round records seconds per call and a
+    load that comes and goes hits every contender alike. ``warmup`` untimed rounds first (allocator,
+    autotuning, compile).
     """
+    from torch.utils.benchmark import Timer
+
     names = list(contenders)
     reps = {n: inner if isinstance(inner, int) else inner.get(n, 1) for n in names}
+    timers = {n: Timer(stmt="fn()", globals={"fn": contenders[n]}, num_threads=torch.get_num_threads()) for n in names}
     for _ in range(warmup):
         for n in names:
             for _ in range(reps[n]):
@@ -119,15 +121,8 @@ def interleaved(
     sync(device)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            fn = contenders[n]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps[n]):
-                fn()
-            sync(device)
-            out[n].append((time.perf_counter() - t0) / reps[n])
+        for n in names if r % 2 == 0 else names[::-1]:
+            out[n].append(timers[n].timeit(reps[n]).mean)
     return Timings(out)
 
 
@@ -333,137 +328,6 @@ class ProductStep:
     def flops_per_image(self) -> float:
         """The trainer's own FLOP count (``train.training_flops_per_image``: forward + backward)."""
         return training_flops_per_image(self.model, self.strategy, self.spec, self.setup.dataset, self.device)
-
-
-# ------------------------------------------------------------------------- the plain reference MAE
-
-
-class ReferenceMAE(nn.Module):
-    """The official MAE model (facebookresearch/mae ``models_mae.py``) at a preset's size, written plainly.
-
-    timm ``PatchEmbed`` and ``Block`` (LayerNorm eps 1e-6, qkv bias, timm's default attention), a
-    frozen 2-D sin-cos position table, ``random_masking`` by argsort + ``gather``, a decoder that
-    restores the token order with ``gather``, MSE on per-patch normalised pixels of hidden patches.
-    """
-
-    def __init__(
-        self,
-        img_size: int = 28,
-        in_chans: int = 1,
-        patch_size: int = 4,
-        embed_dim: int = 128,
-        depth: int = 4,
-        num_heads: int = 4,
-        decoder_dim: int = 64,
-        decoder_depth: int = 1,
-        decoder_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        norm_pix_loss: bool = True,
-    ):
-        super().__init__()
-        from functools import partial
-
-        from timm.layers import PatchEmbed
-        from timm.models.vision_transformer import Block
-
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        grid = img_size // patch_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        pos = torch.cat([torch.zeros(1, embed_dim), sincos_pos_embed_2d(embed_dim, grid, grid)])[None]
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)
-        )
-        self.norm = norm(embed_dim)
-        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        dpos = torch.cat([torch.zeros(1, decoder_dim), sincos_pos_embed_2d(decoder_dim, grid, grid)])[None]
-        self.decoder_pos_embed = nn.Parameter(dpos, requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(decoder_depth)
-        )
-        self.decoder_norm = norm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, patch_size**2 * in_chans)
-        torch.nn.init.normal_(self.cls_token, std=0.02)
-        torch.nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def random_masking(self, x: torch.Tensor, mask_ratio: float):
-        n, length, d = x.shape
-        len_keep = int(length * (1 - mask_ratio))
-        noise = torch.rand(n, length, device=x.device)
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, d))
-        mask = torch.ones([n, length], device=x.device)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, dim=1, index=ids_restore)
-        return x_masked, mask, ids_restore
-
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75) -> torch.Tensor:
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        cls = self.cls_token + self.pos_embed[:, :1, :]
-        x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.decoder_embed(self.norm(x))
-        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
-        target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
-
-
-class ReferenceStep:
-    """The plain MAE training step: forward, backward, AdamW (no clipping, no autocast), loss read-back."""
-
-    def __init__(self, setup: BenchSetup, seed: int = 0):
-        cfg = {k: v for k, v in PRESETS[setup.preset].items()}
-        torch.manual_seed(seed)
-        ds = setup.dataset
-        self.model = ReferenceMAE(img_size=ds.image_size, in_chans=ds.channels, **cfg).to(setup.device)
-        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=1.5e-4,
-            betas=(0.9, 0.95),
-        )
-        self.ratio = setup.ratio
-        self.x = setup.batch
-        self.model.train()
-
-    def __call__(self) -> float:
-        loss = self.model(self.x, self.ratio)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.item()
-
-    def flops_per_image(self) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.model(self.x, self.ratio).backward()
-        self.model.zero_grad(set_to_none=True)
-        return counter.get_total_flops() / self.x.shape[0]
 
 
 # ------------------------------------------------------------------------------------ matmul peak
@@ -681,66 +545,6 @@ def eval_features(
     }
 
 
-# ------------------------------------------------------------------------------------------ profile
-
-_CATEGORIES = (
-    ("GEMM (linear, mm, addmm, bmm, conv)", ("addmm", "aten::mm", "bmm", "matmul", "linear", "convolution")),
-    ("attention (SDPA kernels)", ("scaled_dot_product", "flash_attention")),
-    ("softmax", ("softmax",)),
-    ("GELU", ("gelu",)),
-    ("LayerNorm", ("layer_norm",)),
-    ("optimizer + clipping", ("adamw", "lerp", "addcdiv", "addcmul", "_foreach", "norm", "sqrt", "clamp")),
-    (
-        "copies, casts, layout",
-        (
-            "copy_",
-            "_to_copy",
-            "clone",
-            "contiguous",
-            "cat",
-            "gather",
-            "scatter",
-            "index",
-            "transpose",
-            "permute",
-            "reshape",
-            "view",
-            "expand",
-        ),
-    ),
-)
-
-
-def profile_breakdown(step: Callable[[], Any], steps: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Where a step's time goes (torch.profiler, self CPU time of aten ops, grouped), plus the top ops."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(warmup):
-        step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        wall = (time.perf_counter() - t0) / steps
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
-    groups: dict[str, float] = {}
-    for e in events:
-        name = e.key.lower()
-        cat = next((c for c, keys in _CATEGORIES if any(k in name for k in keys)), "other aten ops")
-        groups[cat] = groups.get(cat, 0.0) + e.self_cpu_time_total / 1e6 / steps
-    groups["non-aten: Python, autograd, compiled kernels"] = max(wall - total, 0.0)
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
-    return {
-        "step_ms": wall * 1e3,
-        "shares": {k: v / wall for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-        "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / steps for e in top},
-    }
-
-
-# ---------------------------------------------------------------------------------------- the table
-
-
 def default_variants(compile: bool = False, bf16: bool = True) -> dict[str, dict]:
     """Product-step variants measured beside the fp32 step: bf16 (only where native), compiled ones when asked."""
     variants = {"bf16": dict(FAST_STEP)} if bf16 else {}
@@ -754,10 +558,10 @@ def run_all(
     quick: bool = False,
     compile: bool = False,
     threads: int | None = None,
-    suites: tuple[str, ...] = (),
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Every figure, for ``python -m masking_bench bench``; ``quick`` halves the rounds."""
+    """Every figure, for ``python -m masking_bench bench``; ``quick`` halves the rounds. (The shipped
+    suites' projected wall times are :func:`masking_bench.bench_table.project_suite` of these.)"""
     if threads:
         torch.set_num_threads(threads)
     say = log or (lambda s: None)
@@ -783,208 +587,5 @@ def run_all(
     results["data"] = data_vs_model(setup, rounds=r(7))
     say("5/5 evaluation feature extraction ...")
     results["eval"] = eval_features(setup, rounds=r(3))
-    for path in suites:
-        results.setdefault("suites", {})[str(path)] = project_suite(path, results)
     results["machine"]["loadavg_1m_end"] = machine_info(setup.device).get("loadavg_1m")
     return results
-
-
-# ------------------------------------------------------------------------------ suite projections
-
-
-def suite_workload(path, dataset: Dataset | None = None) -> dict[str, Any]:
-    """What a suite asks for: optimizer steps per strategy label and feature-extraction images.
-
-    Mirrors ``train._pretrain`` (``len(loader)`` steps per epoch, drop_last) and
-    ``evaluate.evaluate_encoder`` (test + probe-train + low-shot images, per evaluation).
-    """
-    from .config import expand, load_suite
-
-    suite = load_suite(path)
-    ds = dataset or bench_dataset("auto")
-    n_train, n_test = len(ds.train), len(ds.test)
-    steps: dict[str, int] = {}
-    images = 0
-    runs = 0
-    for spec in expand(suite, str(path)):
-        runs += 1
-        ev = spec.eval
-
-        def eval_images(protocols, ev=ev) -> int:
-            n = min(ev.probe.test_subset or n_test, n_test)
-            if "probe" in protocols or "knn" in protocols:
-                n += min(ev.probe.train_subset or n_train, n_train)
-            if "low_shot" in protocols and ev.low_shot is not None:
-                n += sum(ev.low_shot.shots) * ds.num_classes * ev.low_shot.draws
-            return n
-
-        images += eval_images(("probe", "knn", "low_shot"))
-        if spec.kind != "pretrain" or spec.train.epochs == 0:
-            continue
-        t = spec.train
-        per_epoch = min(spec.data.train_subset or n_train, n_train) // t.batch_size
-        key = _plan_label(spec.strategy.name, spec.strategy.params)
-        steps[key] = steps.get(key, 0) + per_epoch * t.epochs
-        if ev.every:
-            images += sum(
-                eval_images(tuple(ev.every_protocols))
-                for e in range(t.epochs)
-                if (e + 1) % ev.every == 0 and e + 1 < t.epochs
-            )
-    return {"runs": runs, "steps": steps, "eval_images": images}
-
-
-def _plan_label(name: str, params: dict) -> str:
-    for label, (n, p) in PLAN_STRATEGIES.items():
-        if n == name and all(params.get(k) == v for k, v in p.items()):
-            return label
-    return name
-
-
-def project_suite(path, results: dict[str, Any], workers: int = 1) -> dict[str, Any]:
-    """Projected wall time of a suite from measured rates: Σ steps × that strategy's step time +
-    feature-extraction images / measured images/s, at the median rounds (the load of the moment)
-    and at the best rounds (≈ an idle machine). Not counted: probe-head training, kNN, checkpoints,
-    process start-up (seconds per run). ``workers`` processes share the machine evenly."""
-    work = suite_workload(path)
-    plan = results["plan"]["strategies"]
-    fallback = plan.get("random", next(iter(plan.values())))
-
-    def train_seconds(key: str) -> float:
-        return sum(n * plan.get(k, fallback).get(key, float("nan")) / 1e3 for k, n in work["steps"].items())
-
-    ev = results["eval"]
-    eval_s, eval_best = (
-        work["eval_images"] / ev["img_per_s"],
-        work["eval_images"] / ev.get("img_per_s_best", ev["img_per_s"]),
-    )
-    out = {**work, "workers": workers, "train_s": train_seconds("step_ms"), "eval_s": eval_s}
-    out["total_min"] = (out["train_s"] + eval_s) / 60 / workers
-    out["total_best_min"] = (train_seconds("step_best_ms") + eval_best) / 60 / workers
-    out["total_fast_train_min"] = (train_seconds("fast_step_ms") + eval_s) / 60 / workers
-    out["total_fast_train_best_min"] = (train_seconds("fast_step_best_ms") + eval_best) / 60 / workers
-    return out
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table of every figure with its target (printed by ``bench`` and the pytest summary)."""
-    rows: list[tuple[str, str, str, str]] = []
-
-    def verdict(ok: bool | None) -> str:
-        return "" if ok is None else ("meets" if ok else "MISSES")
-
-    if "step" in results:
-        s = results["step"]
-        rows.append(
-            (
-                "1. training step / plain reference step",
-                f"{s['ratio']:.2f}x ({s['product_img_per_s']:.0f} vs {s['reference_img_per_s']:.0f} img/s)",
-                f">= {TARGETS['step_vs_reference']:.2f}x",
-                verdict(s["ratio"] >= TARGETS["step_vs_reference"]),
-            )
-        )
-        for k in s:
-            if k.endswith("_vs_reference") and k != "product_vs_reference":
-                name = k[: -len("_vs_reference")]
-                rows.append(
-                    (
-                        f"   variant '{name}' / reference",
-                        f"{s[k]:.2f}x ({s[name + '_img_per_s']:.0f} img/s)",
-                        f">= {TARGETS['step_vs_reference']:.2f}x",
-                        verdict(s[k] >= TARGETS["step_vs_reference"]),
-                    )
-                )
-    if "flops" in results:
-        f = results["flops"]
-        rows.append(("2. FLOPs per image (fwd + bwd)", f"{f['flops_per_image'] / 1e6:.1f} MFLOP", "", ""))
-        for tag in [k[: -len("_fraction")] for k in f if k.endswith("_fraction")]:
-            pk = f[tag + "_peak"]
-            rows.append(
-                (
-                    f"   step {tag}: achieved / {pk} matmul peak",
-                    f"{100 * f[tag + '_fraction']:.0f}% "
-                    f"({f[tag + '_gflops']:.1f} / {f['peak_' + pk + '_gflops']:.0f} GFLOP/s)",
-                    f">= {100 * TARGETS['flops_fraction']:.0f}%",
-                    verdict(f[tag + "_fraction"] >= TARGETS["flops_fraction"]),
-                )
-            )
-    if "plan" in results:
-        p = results["plan"]
-        for label, v in p["strategies"].items():
-            fast = f"; {100 * v['share_fast']:.1f}% of the bf16 step" if "share_fast" in v else ""
-            rows.append(
-                (
-                    f"3. mask planning share: {label}",
-                    f"{100 * v['share']:.2f}% ({v['plan_ms']:.1f} ms of {v['step_ms']:.0f} ms{fast})",
-                    f"<= {100 * TARGETS['plan_share']:.0f}%",
-                    verdict(v["share"] <= TARGETS["plan_share"]),
-                )
-            )
-    if "data" in results:
-        d = results["data"]
-        rows.append(
-            (
-                "4. data pipeline / model consumption",
-                f"{d['ratio']:.0f}x ({d['loader_batches_per_s']:.0f} vs {d['model_steps_per_s']:.2f} batches/s)",
-                f">= {TARGETS['data_vs_model']:.0f}x",
-                verdict(d["ratio"] >= TARGETS["data_vs_model"]),
-            )
-        )
-    if "eval" in results:
-        e = results["eval"]
-        rows.append(
-            (
-                "5. eval feature extraction",
-                f"{e['img_per_s']:.0f} img/s ({e['flops_per_image'] / 1e6:.0f} MFLOP/img, "
-                f"{100 * e['fraction']:.0f}% of fp32 matmul)",
-                "-",
-                "",
-            )
-        )
-    m = results.get("machine", {})
-    workers = max(1, (m.get("cpu_count") or 1) // max(1, m.get("threads") or 1)) if m.get("device") == "cpu" else 1
-    for path, proj in results.get("suites", {}).items():
-        line = (
-            f"{proj['total_min']:.1f} min (fastest rounds {proj['total_best_min']:.1f}; train "
-            f"{proj['train_s'] / 60:.1f} + eval {proj['eval_s'] / 60:.1f})"
-        )
-        if math.isfinite(proj["total_fast_train_min"]):
-            line += f", with bf16 steps {proj['total_fast_train_min']:.1f}"
-        if workers > 1:
-            line += f"; / {workers} one-process-per-core workers: {proj['total_min'] / workers:.1f}"
-        rows.append((f"   projected {path} ({proj['runs']} runs, 1 process)", line, "", ""))
-    header = ("figure", "measured", "target", "")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-    lines = []
-    m = results.get("machine")
-    if m:
-        lines.append(
-            f"machine: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), device {m.get('device')}"
-            + (f" [{m['gpu']}]" if m.get("gpu") else "")
-            + f", torch {m.get('torch')}, "
-            f"{m.get('threads')} thread(s), load average {m.get('loadavg_1m')} -> {m.get('loadavg_1m_end', '?')}"
-        )
-        lines.append(
-            f"ISA {m.get('isa')}: train.amp auto trains in {m.get('amp_auto')} here ({m.get('amp_auto_why')})"
-            + ("" if m.get("native_bf16", True) else "; bf16 not measured (emulated on this host)")
-        )
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    lines.append("  ".join("-" * w for w in widths).rstrip())
-    for r_ in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r_, widths, strict=True)).rstrip())
-    return "\n".join(lines)
-
-
-def scalars(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten a figure's result to JSON scalars (for ``benchmark.extra_info``); raw timings dropped."""
-    out: dict[str, Any] = {}
-    for k, v in result.items():
-        if k == "timings":
-            continue
-        if isinstance(v, dict):
-            out.update(scalars(v, f"{prefix}{k}."))
-        elif isinstance(v, float):
-            out[prefix + k] = round(v, 5)
-        elif isinstance(v, (int, str, bool)) or v is None:
-            out[prefix + k] = v
-    return out

@@ -166,12 +166,18 @@ def stamp(record: RunRecord, proof: list[str]) -> None:
 
 
 def certify(
-    specs: list[RunSpec], results: Path, cells: int | None = 1, log=print, show_progress: bool = True
+    specs: list[RunSpec],
+    results: Path,
+    cells: int | None = 1,
+    log=print,
+    show_progress: bool = True,
+    labels: list[str] | None = None,
 ) -> list[Group]:
-    """Rerun ``cells`` runs per stale group (None = all) and re-stamp the groups whose reruns match."""
+    """Rerun ``cells`` runs per stale group (None = all) and re-stamp the groups whose reruns match.
+    ``labels``: only the groups of these strategy labels (e.g. to share the work between processes)."""
     from .launch import execute_run
 
-    groups = stale_groups(specs, results)
+    groups = [g for g in stale_groups(specs, results) if not labels or g.label in labels]
     scratch = Path(tempfile.mkdtemp(prefix=".certify-", dir=Path(results)))
     try:
         for group in groups:

@@ -151,6 +151,7 @@ def _cmd_certify(args) -> int:
         cells,
         log=lambda m: print(m, file=sys.stderr, flush=True),
         show_progress=not args.no_progress,
+        labels=args.strategy or None,
     )
     print(format_outcome(groups))
     return 0 if all(g.certified for g in groups) else 1
@@ -213,7 +214,8 @@ def _cmd_masks(args) -> int:
 def _cmd_bench(args) -> int:
     import json
 
-    from .bench import format_table, run_all
+    from .bench import run_all
+    from .bench_table import format_table, project_suite
 
     suites = (
         [] if args.no_projection else [p for p in ("suites/smoke.yaml", "suites/ratio_sweep.yaml") if Path(p).is_file()]
@@ -223,9 +225,10 @@ def _cmd_bench(args) -> int:
         quick=args.quick,
         compile=args.compile,
         threads=args.threads,
-        suites=tuple(suites),
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
+    for path in suites:
+        results.setdefault("suites", {})[path] = project_suite(path, results)
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -267,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     cer.add_argument("suite", type=Path, help="suite YAML")
     cer.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
     cer.add_argument("--cells", default="1", help="reruns per (strategy, changed code) group, or 'all' (default 1)")
+    cer.add_argument(
+        "--strategy",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="only this strategy label's records (repeatable; random_init for the untrained floor)",
+    )
     cer.add_argument("--no-progress", action="store_true", help="no progress bars")
     cer.set_defaults(func=_cmd_certify)
 

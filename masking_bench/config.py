@@ -243,7 +243,7 @@ class LowShotConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    """End-to-end fine-tuning: layer-wise lr decay, drop path, label smoothing (MAE protocol, spec §7.1)."""
+    """End-to-end fine-tuning: layer-wise lr decay, drop path, label smoothing (MAE, docs/strategies.md §9.2)."""
 
     enabled: bool = False
     epochs: Int = Field(3, gt=0)

@@ -1,10 +1,11 @@
 """Frozen-encoder evaluation with one locked recipe per suite: linear probe and kNN top-1.
 
-Linear probe (MAE protocol, spec §7.2, adapted to CPU scale): features are extracted once from the
-unaugmented images and cached; the head is BatchNorm1d without affine (eps 1e-6) + Linear, trained
-with AdamW on the cached features (MAE uses LARS at batch 16384, which fails at small batch —
-HPM#5). kNN: cosine similarity, k neighbours, votes weighted by exp(sim / T) (Wu et al. 2018),
-a cheap monitor only (it under-rates MAE features).
+Linear probe (MAE's protocol adapted to CPU scale, docs/strategies.md §9.1): features are extracted
+once from the unaugmented images and cached; the head is BatchNorm1d without affine (eps 1e-6) +
+Linear, trained with AdamW on the cached features. MAE uses LARS at batch 16384, which fails at
+small batch: the HPM authors report ~10 % probes (https://github.com/Haochen-Wang409/HPM/issues/5).
+kNN: cosine similarity, k neighbours, votes weighted by exp(sim / T) (Wu et al. 2018), a cheap
+monitor only (it under-rates MAE features).
 """
 
 from __future__ import annotations

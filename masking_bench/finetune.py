@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a pre-trained encoder (MAE protocol, spec §7.1, at the suite's budget).
+"""End-to-end fine-tuning of a pre-trained encoder (MAE protocol at the suite's budget; docs/strategies.md §9.2).
 
 Layer-wise lr decay (patch embedding = layer 0, block i = layer i+1, final norm + head = top),
 drop path, label smoothing, AdamW with warm-up + cosine per step, RandomResizedCrop + flip; the

@@ -160,8 +160,8 @@ def execute_run(
         except KeyboardInterrupt:
             set_status("pending", note="interrupted; the next run resumes from the last finished epoch")
             raise
-        except BenchError as exc:
-            set_status("failed", reason=str(exc))
+        except BenchError as exc:  # a strategy's own exception keeps its traceback for the plugin's author
+            set_status("failed", reason=str(exc), **({"traceback": traceback.format_exc()} if exc.__cause__ else {}))
             raise
         except Exception as exc:
             set_status("failed", reason=one_line(exc), traceback=traceback.format_exc())

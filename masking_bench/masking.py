@@ -41,7 +41,7 @@ class MaskPlan:
         sample (ragged); the MAE encoder then pads with a key-padding attention mask.
     view: the encoder input, when the strategy changes it (default: the batch itself).
     target: the reconstruction target image, when it differs from the view.
-    isolate_mask_tokens: visible queries may not attend to mask-token keys (MTO, spec §3.2).
+    isolate_mask_tokens: visible queries may not attend to mask-token keys (MTO; docs/strategies.md §1.6).
     record_attention: blocks (those holding mask tokens) whose attention the model must return.
     diagnostics: per-sample tensors for inspection (e.g. ``salience`` (N, L), ``base_ratio``).
     """
@@ -218,7 +218,7 @@ class MaskingStrategy:
 
 
 def num_hidden(num_tokens: int, ratio: float) -> int:
-    """MAE's count: keep ``int(L * (1 - r))`` tokens (Python truncation), hide the rest (spec §1)."""
+    """MAE's count: keep ``int(L * (1 - r))`` tokens (Python truncation), hide the rest (docs/strategies.md §1.2)."""
     return num_tokens - int(num_tokens * (1 - ratio))
 
 
@@ -268,10 +268,14 @@ def _discover_builtin_and_installed() -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-        except Exception as exc:  # a broken third-party package must not break the others
-            raise BenchError(
-                f"entry point '{ep.name}' ({ep.value}) in group {ENTRY_POINT_GROUP} failed to load: {exc}"
-            ) from exc
+        except Exception as exc:  # a broken third-party package must not break the others: name it, go on
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(
+                f"warning: strategy entry point '{ep.name}' ({ep.value}) failed to load and is skipped: "
+                f"{type(exc).__name__}: {first}",
+                file=sys.stderr,
+            )
+            continue
         if isinstance(obj, type) and issubclass(obj, MaskingStrategy) and obj.name not in _REGISTRY:
             register(obj)
 

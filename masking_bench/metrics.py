@@ -2,8 +2,8 @@
 
 Accuracies are top-1 in percentage points (0-100), masking ratios are fractions (0-1), epochs are
 numbers of pre-training epochs completed. Every function states its formula and where it comes
-from; ``[INTERP]`` marks a formula the sources name but do not define (design spec
-``strategies.md`` §7.3 PIMR, §7.4 RAUC / epochs-to-convergence), so the benchmark chose one.
+from; ``[INTERP]`` marks a formula the sources name but do not define (PIMR, RAUC, epochs to
+convergence: docs/strategies.md §9.5, §9.6), so the benchmark chose one.
 
 Conventions used throughout:
 
@@ -93,8 +93,9 @@ def paired_deltas(
     ``delta_mean``, ``delta_std``, ``delta_n`` (pairs) and the t interval of :func:`t_interval` on the
     ``Δ_i``; ``outside_noise = delta_n ≥ 2 and (ci_low > 0 or ci_high < 0)`` — the paired 95 %
     interval excludes 0, i.e. a paired t-test rejects "no difference" at the 5 % level.
-    Provenance: benchmark choice (anchors §0.7: rankings without intervals mean nothing); pairing by
-    seed removes the shared init/data-order noise.
+    Provenance: benchmark choice — masking papers claim gains about as large as reproduction gaps, so
+    rankings need intervals (docs/strategies.md §9.4); pairing by seed removes the shared
+    init/data-order noise.
     """
     cols = list(keys) + [by, "delta_n", "delta_mean", "delta_std", "delta_ci_low", "delta_ci_high", "outside_noise"]
     base = df[df[by] == baseline]
@@ -173,7 +174,7 @@ def _sorted_curve(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, n
 
 
 def pimr_slopes(ratios: Sequence[float], acc: Sequence[float], per: float = PER_TEN_POINTS) -> np.ndarray:
-    """PIMR, slope reading [INTERP spec §7.3]: one value per step between consecutive ratios.
+    """PIMR, slope reading [INTERP, docs/strategies.md §9.5]: one value per step between consecutive ratios.
 
     With ratios sorted ``r_1 < … < r_K``: ``PIMR(r_k) = (A(r_k) − A(r_{k−1})) / (r_k − r_{k−1}) · per``
     for ``k = 2..K``; ``per = 0.1`` reads as "accuracy points per +10 % masking". Higher / less
@@ -186,7 +187,7 @@ def pimr_slopes(ratios: Sequence[float], acc: Sequence[float], per: float = PER_
 
 
 def global_pimr(ratios: Sequence[float], acc: Sequence[float], per: float = PER_TEN_POINTS) -> float:
-    """Global PIMR, slope reading [INTERP spec §7.3]: ``(1/(K−1)) Σ_{k=2..K} PIMR(r_k)``.
+    """Global PIMR, slope reading [INTERP, docs/strategies.md §9.5]: ``(1/(K−1)) Σ_{k=2..K} PIMR(r_k)``.
 
     Equals ``(A(r_K) − A(r_1)) / (r_K − r_1) · per`` when the ratios are equally spaced. NaN if K < 2.
     """
@@ -195,7 +196,7 @@ def global_pimr(ratios: Sequence[float], acc: Sequence[float], per: float = PER_
 
 
 def pimr_reference(ratios: Sequence[float], acc: Sequence[float]) -> np.ndarray:
-    """PIMR, reference reading [INTERP spec §7.3 alternative]: ``A(r) − A(r_min)`` for every ratio (sorted).
+    """PIMR, reference reading [INTERP, docs/strategies.md §9.5]: ``A(r) − A(r_min)`` for every ratio (sorted).
 
     The first entry (``r_min`` itself) is 0 by construction.
     """
@@ -266,7 +267,7 @@ def interpolate(epochs: Sequence[float], acc: Sequence[float], at: float) -> flo
 
 
 def curve_auc(epochs: Sequence[float], acc: Sequence[float], lo: float, hi: float) -> float:
-    """Trapezoid area under the piecewise-linear curve between epochs ``lo`` and ``hi`` [spec §7.4].
+    """Trapezoid area under the piecewise-linear curve between epochs ``lo`` and ``hi`` [docs/strategies.md §9.6].
 
     ``Σ_k (e_{k+1} − e_k)(A(e_k) + A(e_{k+1}))/2`` over the evaluation epochs inside ``[lo, hi]``
     plus the interpolated end points, so curves evaluated at different epochs integrate over the
@@ -288,7 +289,7 @@ def common_range(*curves_epochs: Sequence[float]) -> tuple[float, float]:
 
 
 def rauc(epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[float], acc_b: Sequence[float]) -> float:
-    """RAUC [INTERP spec §7.4] = ``AUC(method) / AUC(baseline)`` over their common epoch range.
+    """RAUC [INTERP, docs/strategies.md §9.6] = ``AUC(method) / AUC(baseline)`` over their common epoch range.
 
     AUC is :func:`curve_auc`. > 1 ⇒ the method is ahead of the baseline over the schedule on average.
     NaN if the curves share no range of positive length.
@@ -303,7 +304,7 @@ def rauc(epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[f
 def rauc_norm(
     epochs_m: Sequence[float], acc_m: Sequence[float], epochs_b: Sequence[float], acc_b: Sequence[float]
 ) -> float:
-    """RAUC_norm [INTERP spec §7.4] = ``AUC(method) / ((e_m − e_1) · A_baseline(e_m))``.
+    """RAUC_norm [INTERP, docs/strategies.md §9.6] = ``AUC(method) / ((e_m − e_1) · A_baseline(e_m))``.
 
     ``[e_1, e_m]`` is the common epoch range; the value is the method's mean accuracy over it as a
     fraction of the baseline's accuracy at the end of that range (1 = as good as the baseline's
@@ -321,7 +322,7 @@ def epochs_to_reach(epochs: Sequence[float], acc: Sequence[float], target: float
     """First epoch at which the curve reaches ``target``, linearly interpolated between evaluations.
 
     ``E* = min{ e : A(e) ≥ target }`` on the piecewise-linear curve through the evaluation points
-    [spec §7.4 allows interpolation if stated]: if ``A(e_1) ≥ target`` → ``e_1``; else the first
+    [INTERP, docs/strategies.md §9.6]: if ``A(e_1) ≥ target`` → ``e_1``; else the first
     ``k`` with ``A(e_k) < target ≤ A(e_{k+1})`` gives ``e_k + (target − A(e_k)) / (A(e_{k+1}) − A(e_k))
     · (e_{k+1} − e_k)``. NaN = never reached within the evaluated epochs.
     """
@@ -337,7 +338,10 @@ def epochs_to_reach(epochs: Sequence[float], acc: Sequence[float], target: float
 
 
 def epoch_reduction(e_star: float, e_full: float) -> float:
-    """``1 − E* / E_full`` [spec §7.4]: the share of the baseline's full schedule a method saves (MTO claims ≈ 0.5)."""
+    """``1 − E* / E_full`` [docs/strategies.md §9.6]: the share of the baseline's full schedule a method saves.
+
+    MTO claims ≈ 0.5.
+    """
     if not (math.isfinite(e_star) and e_full):
         return math.nan
     return 1.0 - e_star / e_full

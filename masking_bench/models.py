@@ -1,13 +1,13 @@
 """The ViT encoder (timm blocks, fused attention, fixed 2-D sin-cos positions) and the two MIM heads.
 
 ``method="mae"``: the encoder sees only visible tokens; a light decoder re-inserts a learned mask
-token and predicts normalised pixels of hidden patches (He et al. 2021, spec §0.3, §1).
+token and predicts normalised pixels of hidden patches (He et al. 2021; docs/strategies.md §1.3, §1.4).
 ``method="simmim"``: hidden patch embeddings are replaced by a learned mask token inside the
-encoder; a linear head predicts raw pixels, L1 on hidden pixels (Xie et al. 2021, spec §2.2).
+encoder; a linear head predicts raw pixels, L1 on hidden pixels (Xie et al. 2021; docs/strategies.md §1.4).
 
 A strategy's :class:`~masking_bench.masking.MaskPlan` drives both: its boolean mask (True = hidden)
 may have a different count per sample — the MAE encoder then pads to the batch's largest visible
-set and blocks padded keys with an attention mask, so a hidden patch is never visible (spec §6.4).
+set and blocks padded keys with an attention mask, so a hidden patch is never visible (docs/strategies.md §1.5).
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ class MIMViT(nn.Module):
         """Encode ``imgs`` under ``mask`` (True = hidden) and predict every token's pixels.
 
         ``isolate_mask_tokens``: visible queries (and cls) may not attend to mask-token keys, in the
-        layers where mask tokens exist (MTO's recalibration, spec §3.2). ``record_attention``: indices
+        layers where mask tokens exist (MTO's recalibration, docs/strategies.md §1.6). ``record_attention``: indices
         of the blocks holding mask tokens (encoder for simmim, decoder for mae) whose attention
         probabilities are returned for auxiliary losses.
         """
@@ -284,7 +284,7 @@ class MIMViT(nn.Module):
         ragged = bool((visible != k_max).any())
         valid = torch.arange(k_max, device=mask.device)[None] < visible[:, None]
         attn_mask = None
-        if ragged:  # key padding: a padded (hidden) token is never visible as a key (spec §6.4)
+        if ragged:  # key padding: a padded (hidden) token is never visible as a key (docs/strategies.md §1.5)
             keys = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=mask.device), valid], dim=1)
             attn_mask = _neg_inf_mask(keys[:, None, None, :], x.dtype)
         x = self._run_blocks(self.blocks, self._with_cls(x), attn_mask, (), None)
@@ -312,7 +312,7 @@ class MIMViT(nn.Module):
 
     # -------------------------------------------------------------------------------------- loss
     def reconstruction_loss(self, pred: torch.Tensor, target_imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean per-patch error over hidden patches, normalised by the batch's hidden count (spec §0.3).
+        """Mean per-patch error over hidden patches, normalised by the batch's hidden count (docs/strategies.md §1.4).
 
         mae: MSE against per-patch normalised pixels (``norm_pix_loss``, unbiased var, eps 1e-6).
         simmim: L1 against the (dataset-normalised) pixels, as SimMIM's masked-pixel L1 / channels.

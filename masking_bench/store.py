@@ -405,3 +405,20 @@ def archive_suite(root: Path, suite: str | None = None) -> list[str]:
         if run_dir.parent.parent.name == "runs" and RunRecord(root, spec).archive():
             done.append(spec.run_hash)
     return done
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the leftover temporary files of interrupted atomic writes directly in ``folder`` (if it
+    exists); returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    leftovers = sorted(folder.glob(".*.tmp"))
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+    return leftovers
+
+
+def remove_file(path: Path) -> None:
+    """Delete ``path`` if it exists (an output file that must not outlive the data it was made from)."""
+    Path(path).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Block-wise masking: BEiT's rectangle generator (spec §2.1) and SimMIM's coarse cells (spec §2.2)."""
+"""Block-wise masking: BEiT's rectangle generator and SimMIM's coarse cells (docs/strategies.md §3, §4)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def block_bounds(
 
 def top_up_or_trim(mask: torch.Tensor, target: int, ctx: PlanContext) -> torch.Tensor:
     """Make every row hide exactly ``target`` tokens: hide extra random visible tokens where a row is
-    short (BEiT top-up, spec §2.1 [INTERP]) and reveal random hidden ones where it is over."""
+    short (BEiT top-up, [INTERP], docs/strategies.md §3.3) and reveal random hidden ones where it is
+    over (coarse cells, §4.3)."""
     noise = ctx.rand(*mask.shape)
     # hidden tokens score in [1, 2), visible in [0, 1): the ``target`` highest stay/become hidden
     return hide_lowest_first(noise + mask.float(), target)
@@ -67,12 +68,13 @@ class BlockMasking(MaskingStrategy):
     per-sample distribution is the reference one, the random stream is not.
 
     ``top_up`` (``auto`` = on for ``mae``, off for ``simmim``): add uniformly random hidden tokens
-    until the count equals the target, which drop-style encoders need (spec §2.1 [INTERP]).
+    until the count equals the target, so every sample hides MAE's count [INTERP].
+    Reference, batching and deviations: docs/strategies.md §3.
     """
 
     name = "block"
     summary = "BEiT rectangles of tokens, never above the target count (top-up to it for mae)"
-    source = "BEiT (arXiv 2106.08254) §2.3; spec §2.1"
+    source = "BEiT (arXiv 2106.08254) §2.3; docs/strategies.md §3"
     defaults = {"min_block": None, "max_block": None, "aspect_min": 0.3, "attempts": 10, "top_up": "auto"}
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
@@ -143,12 +145,13 @@ class CoarseRandomMasking(MaskingStrategy):
     2x2); ``ceil(cells·r)`` cells (ceil, as SimMIM) are hidden uniformly at random and up-sampled to
     tokens. When the grid is not a multiple of ``cell`` (7x7 with 2x2 cells) the cells overhang the
     last row/column and are cropped, so the realised count varies; ``exact_count`` (``auto`` = on
-    for ``mae``) then hides/reveals random tokens to reach ``L - int(L·(1−r))`` [INTERP].
+    for ``mae``, on any grid) then hides/reveals random tokens to reach ``L - int(L·(1−r))`` [INTERP].
+    Reference and deviations: docs/strategies.md §4.
     """
 
     name = "coarse_random"
     summary = "SimMIM: random 2x2-token cells, ceil(cells*r) of them"
-    source = "SimMIM (arXiv 2111.09886) §3.1; spec §2.2"
+    source = "SimMIM (arXiv 2111.09886) §3.1; docs/strategies.md §4"
     defaults = {"cell": 2, "exact_count": "auto"}
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):

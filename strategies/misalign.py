@@ -1,57 +1,11 @@
-"""Beyond Masking: spatial masking + zoom-in misalignment, "(a)+(m)" (spec §4.3).
+"""Beyond Masking: spatial masking + zoom-in misalignment, "(a)+(m)" (strategy ``misalign``).
 
-Tian, Xie, Fang, Shi, Peng, Zhang, Jiao, Tian, Ye, "Beyond Masking: Demystifying Token-Based
-Pre-Training for Vision Transformers", arXiv 2203.14313 (§3 degradations, "zoomed-in" + masking
-integration). The paper's method section was not readable; the primary source is the official code,
-``sunsmarterjie/beyond_masking`` folder ``zoomed-in/`` (``datasets.py`` DataAugmentationForMAE,
-``modeling_pretrain.py`` ``forward_loss``, ``engine_for_pretraining.py`` loss weights) [CODE].
-
-The reference at 224 px: the loader yields a 288-px view ``I₂₈₈`` and its centre 224 crop; the
-encoder sees the crop, randomly masked (MAE, r = 0.75); the decoder output ``P₂₂₄`` is read as the
-WHOLE 288 view rendered at 224. Here (provenance as in spec §0.1):
-
-* [INTERP] the benchmark's loader yields the augmented image ``x`` at the input resolution S
-  (28 for Fashion-MNIST), so the whole view is ``I_big = resize(x, B)`` with
-  ``B = 2·round(S·view_scale/2)`` (rounded to an even size so the border is symmetric; 36 for
-  S = 28 and the default ``view_scale = 9/7`` — exactly the reference's 288/224 geometry; the
-  border is ``(B − S)/2`` = 4 px = one 4-px patch). The enlargement uses ``interpolation``
-  (default bilinear, antialias on — it only matters if a size shrinks). The reference renders its
-  288 view directly from the source image with bicubic RandomResizedCrop; we cannot, as the loader
-  has already resampled to S, so ``I_big`` carries no detail beyond ``x``.
-* [CODE] encoder input (``plan.view``) = centre S×S crop of ``I_big``; MAE random masking of its
-  tokens with exactly the rule of ``strategies/random_masking.py`` (same masks for the same
-  generator state).
-* [CODE] target at S (``plan.target``) = ``I_big`` resized back to S with 'area' interpolation (the
-  reference's ``resize_to224``). This is ``x`` only up to resampling (bilinear up then area down);
-  we keep the resampled one to stay faithful to the chain.
-* [CODE] centre loss: ``P_S`` (pred unpatchified) resized to B ('area', as the reference),
-  centre S×S crop, re-patchified, vs the per-patch-normalised patches of the encoder input;
-  per-patch MSE averaged over HIDDEN tokens with the batch's global hidden count (spec §0.3).
-* [CODE] border loss (all pixels, out-painting): target = ``plan.target`` per-patch normalised,
-  unpatchified, resized to B ('area'); prediction = ``P_S`` resized to B ('area'); ``mean``-MSE
-  over each of four strips — top, bottom, left and right of the middle band — and the four summed.
-* [CODE] total = ``centre_weight``·centre + ``border_weight``·border, 0.8 / 0.2
-  (``engine_for_pretraining.py``). ``losses`` returns the two WEIGHTED terms ``recon_centre`` and
-  ``recon_border`` so the trainer's sum is the total.
-* [CODE] target normalisation (only when ``model.norm_pix_loss``; the reference always
-  normalises), for the centre and the border target alike: each channel of each patch separately,
-  ``(t − mean)/(std + 1e-6)`` with the unbiased std over the patch's p² pixels, on [0, 1] pixels —
-  the loader's dataset normalisation is undone with ``model.pixel_mean`` / ``model.pixel_std``
-  (per-channel sequences the trainer attaches to the model). Without them the pixels are taken as
-  given: the formula is invariant to a per-channel affine map, so only the 1e-6 then differs (it
-  acts in dataset-std units, not [0, 1] units). This is NOT the shared
-  ``MIMViT.reconstruction_loss`` normalisation (all p²C values jointly, ``sqrt(var + 1e-6)``), so
-  misalign's loss values are not directly comparable with the other strategies' (≈1 % apart on
-  Fashion-MNIST, far apart for RGB).
-* [INTERP] ``method='simmim'``: not in the paper/code (MAE-only). Same geometry and masks, with
-  SimMIM's loss: L1 on raw (dataset-normalised) pixels, no per-patch normalisation, for both terms
-  (centre over hidden tokens, border as four summed mean-L1 strips). ``describe()`` marks such a
-  run as an interpretation.
-
-With an "ideal" prediction (``pred`` = per-patch-normalised patches of ``plan.target``) the border
-term is exactly 0 (prediction and target go through the same resize) but the centre term is NOT:
-area-up-sampling a 28-px image normalised per 4-px patch does not give the 36-px view's centre
-normalised per patch of the crop (the tests check both facts). The reference has the same property.
+Tian et al., "Beyond Masking: Demystifying Token-Based Pre-Training for Vision Transformers",
+arXiv 2203.14313 (method section not readable). Reference code [CODE]: ``sunsmarterjie/beyond_masking``
+folder ``zoomed-in/`` (``datasets.py``, ``modeling_pretrain.py`` ``forward_loss``,
+``engine_for_pretraining.py``). The encoder sees the randomly masked centre crop of a 9/7-larger view;
+the decoder output is read as the whole view. Geometry, losses, the per-channel target normalisation
+and the deviations (an up-sampled view, the SimMIM variant): docs/strategies.md §8.
 """
 
 from __future__ import annotations
@@ -104,7 +58,8 @@ def pixel_stats(model) -> tuple[Any, Any] | None:
 def norm_patches(imgs: torch.Tensor, p: int, stats: tuple[Any, Any] | None = None) -> torch.Tensor:
     """(N, C, H, W) -> patches (N, L, p²C) with every channel of every patch normalised on its own:
     ``(t − mean)/(std + 1e-6)``, unbiased std over the p² pixels, after mapping the images back to
-    [0, 1] with the dataset's per-channel ``stats = (mean, std)`` when given."""
+    [0, 1] with the dataset's per-channel ``stats = (mean, std)`` when given — the reference's
+    ``forward_loss`` normalisation [CODE], not the shared norm-pix one (docs/strategies.md §8.4)."""
     x = imgs.float()
     n, c = x.shape[:2]
     if stats is not None:
@@ -128,19 +83,26 @@ def border_strips(img: torch.Tensor, margin: tuple[int, int]) -> list[torch.Tens
 @register
 class ZoomMisalignMasking(MaskingStrategy):
     """Beyond Masking "(a)+(m)": random masking of the centre crop of a 9/7-enlarged view, decoder
-    output read as the whole view (spec §4.3 [CODE zoomed-in/]; adaptation to the S-px loader [INTERP]).
+    output read as the whole view ([CODE] ``zoomed-in/``; the view is up-sampled from the S-px
+    loader's image [INTERP]; ``method='simmim'`` is [INTERP] too). Details: docs/strategies.md §8.
+
+    Plan: ``view`` = centre S×S crop of ``x`` resized to ``B = 2·round(S·view_scale/2)`` (36 for 28),
+    ``target`` = that whole view area-resized back to S, MAE random masking (``random``'s rule).
+    Losses (``recon_centre``, ``recon_border``, already weighted): hidden-token MSE of the centre
+    crop of the up-scaled prediction against the normalised view, and the mean-MSE of four border
+    strips against the normalised whole view.
 
     view_scale: whole view / input size (reference 288/224 = 9/7); rounded to an even whole-view size.
     interpolation: how ``x`` is enlarged to the whole view (bilinear, antialias) [INTERP].
     centre_weight, border_weight: 0.8 / 0.2 [CODE].
-    degradation: ``zoom_in`` only (the paper's best; the other §4.2 degradations are not implemented).
+    degradation: ``zoom_in`` only (the paper's best single degradation; the others are not implemented).
     """
 
     name = "misalign"
     summary = "random masking of the centre crop of a 9/7-larger view; reconstruct the whole view"
     source = (
         "Beyond Masking (arXiv 2203.14313) zoomed-in + masking '(a)+(m)'; "
-        "sunsmarterjie/beyond_masking zoomed-in/ [CODE]; spec §4.3"
+        "sunsmarterjie/beyond_masking zoomed-in/ [CODE]; docs/strategies.md §8"
     )
     defaults = {
         "view_scale": 9 / 7,

@@ -1,44 +1,9 @@
-"""MTO — Masked Token Optimization, our reading ("MTO-interp") (spec §3).
+"""MTO — Masked Token Optimization, our interpretation ("MTO-interp").
 
-Choi, Lee, Joung, Park, Kim, Min, "Emerging Property of Masked Token for Effective Pre-training",
-arXiv 2404.08330 / ECCV 2024. **The paper's method section and its code (``doihye/MTO``) were not
-readable** when the spec was written (spec §0.1, §3): this module is OUR INTERPRETATION of the
-sourced outline and must be labelled **MTO-interp** in any benchmark output (``interpretation = True``).
-
-Provenance of each piece (tags as in spec §0.1):
-
-* [DOC abstract, spec §3.1] MTO does not change the masking: MAE random masking is kept, here with
-  exactly the rule of ``strategies/random_masking.py`` (``hide_lowest_first(rand(N, L), num_hidden)``,
-  same random stream, same masks for the same generator state).
-* [DOC author page, spec §3.2, high confidence] "weight recalibration": visible queries (and cls)
-  never aggregate mask-token keys, in every block where mask tokens exist (encoder blocks for
-  ``simmim``, decoder blocks for ``mae``). Realised by the model through
-  ``MaskPlan.isolate_mask_tokens``; ``recalibrate=False`` turns it off (ablation).
-* [SNIPPET names only, formulas INTERP, spec §3.3] three auxiliary losses on the attention of the
-  mask-token blocks, with P = softmax of the un-recalibrated logits and A = the recalibrated
-  probabilities used in the forward pass (M = hidden tokens, V = visible tokens + cls):
-
-  - ``L_spa = mean_{q∈V} Σ_{k∈M} P[q, k]`` — visible→masked attention mass the model would give
-    without the hard mask (shapes the q/k geometry so the mask token becomes "singular").
-    **cls counts as a visible query** (``spa_include_cls=True``), for the same reason the
-    recalibration treats cls as visible (spec §3.2): cls must not aggregate mask tokens either.
-  - ``L_e = mean_{q∈M} H(A[q, :])`` — row entropy of masked queries (all keys incl. cls),
-    ``0·log 0 := 0`` (rows of A may hold exact zeros; computed with a clamped log so neither the
-    value nor the gradient is NaN).
-  - ``L_r = mean_{q∈M} Σ_{k∈M} A[q, k]`` — masked→masked attention mass (cls is not in M).
-
-  Means are pooled over samples, heads and the query set (sum / (heads · Σ_n |query set_n|)), the
-  global normalisation of spec §0.3 (identical to the mean of per-sample means at fixed counts).
-* [INTERP, spec §3.3] depth weighting ``L_MTO = Σ_l w_l (λ_spa L_spa^l + λ_e L_e^l + λ_r L_r^l)``
-  over the n mask-token blocks (0-based l): ``depth_schedule='first_half'`` (default) gives
-  ``w_l = 1`` for ``l < ceil(n/2)`` and 0 after (a 1-block decoder -> that block; odd n includes
-  the middle block), ``'linear'`` gives ``w_l = 1 − l/n``. Only blocks with ``w_l > 0`` are
-  recorded (explicit attention is slower than fused SDPA); none when all λ are 0.
-* [INTERP, spec §3.3] ``λ_spa = λ_e = λ_r = 0.1`` (sweep {0.01, 0.1, 1}).
-
-``losses`` returns ``recon`` (the method's unchanged loss) and the three WEIGHTED terms
-``mto_spa = λ_spa Σ_l w_l L_spa^l`` etc., so the trainer's sum is the total loss. The auxiliary
-terms are computed in float32 whatever the autocast dtype.
+Choi et al., "Emerging Property of Masked Token for Effective Pre-training", arXiv 2404.08330 /
+ECCV 2024. Neither the paper's method section nor its code could be read, so this module is OUR
+INTERPRETATION [INTERP] of the outline that could be read; runs must be labelled "MTO-interp"
+(``interpretation = True``). Sources, formulas and every choice: docs/strategies.md §7.
 """
 
 from __future__ import annotations
@@ -68,7 +33,7 @@ def _is_number(value) -> bool:
 
 
 def depth_weights(n_layers: int, schedule: str) -> list[float]:
-    """Per-block weights ``w_l`` of the ``n_layers`` mask-token blocks (spec §3.3 [INTERP])."""
+    """Per-block weights ``w_l`` of the ``n_layers`` mask-token blocks ([INTERP], docs/strategies.md §7.5)."""
     if schedule == "first_half":
         cut = math.ceil(n_layers / 2)
         return [1.0 if i < cut else 0.0 for i in range(n_layers)]
@@ -92,7 +57,9 @@ def mto_terms(P: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, include_cls:
 
     P, A: (N, heads, 1+L, 1+L) probabilities, token 0 = cls; P from the un-recalibrated logits,
     A the recalibrated ones used in the forward pass. mask: (N, L) bool, True = hidden.
-    ``include_cls``: cls is one of L_spa's visible queries.
+    ``include_cls``: cls is one of L_spa's visible queries. L_spa = visible→hidden mass of P, L_e =
+    row entropy of A over hidden queries (``0·log 0 = 0``), L_r = hidden→hidden mass of A; each a
+    mean pooled over samples, heads and queries (docs/strategies.md §7.4).
     """
     P, A = P.float(), A.float()
     n, heads = P.shape[:2]
@@ -116,17 +83,20 @@ def mto_terms(P: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, include_cls:
 
 @register
 class MaskedTokenOptimization(MaskingStrategy):
-    """MTO-interp: MAE random masking + mask-token isolation + depth-weighted L_spa / L_e / L_r.
+    """MTO-interp [INTERP]: MAE random masking + mask-token isolation + depth-weighted L_spa / L_e / L_r.
 
-    Our reading of Choi et al. (arXiv 2404.08330, ECCV 2024; method section and code unreadable),
-    spec §3.2 (recalibration, high confidence) and §3.3 (loss forms, [INTERP], low confidence);
-    see the module docstring for the provenance of each piece. Parameters:
+    Wholly our interpretation (docs/strategies.md §7): the masks are exactly ``random``'s (same rule
+    and draw); ``losses`` returns ``recon`` (the method's unchanged loss) and the three WEIGHTED terms
+    ``mto_spa = λ_spa Σ_l w_l L_spa^l``, ``mto_e``, ``mto_r`` in float32, so the trainer's sum is the
+    total loss. Parameters:
 
-    recalibrate: visible queries (incl. cls) never attend to mask-token keys (spec §3.2).
+    recalibrate: visible queries (incl. cls) never attend to mask-token keys, in the blocks holding
+        mask tokens (decoder for mae, encoder for simmim); False is an ablation (§7.3).
     depth_schedule: ``first_half`` (w=1 on the first ceil(n/2) mask-token blocks) or ``linear``
-        (w_l = 1 − l/n), spec §3.3 [INTERP].
-    lambda_spa, lambda_e, lambda_r: loss weights, 0.1 each (spec §3.3 [INTERP]).
-    spa_include_cls: cls is a visible query of L_spa (default True, consistent with §3.2).
+        (w_l = 1 − l/n) (§7.5).
+    lambda_spa, lambda_e, lambda_r: loss weights, 0.1 each (§7.5).
+    spa_include_cls: cls is a visible query of L_spa (default True, as the recalibration treats cls
+        as visible).
     """
 
     name = "mto"
@@ -135,7 +105,7 @@ class MaskedTokenOptimization(MaskingStrategy):
     needs = frozenset({"attention"})
     source = (
         "MTO-interp: Choi et al., arXiv 2404.08330 (ECCV 2024), method unreadable; "
-        "spec §3.2 recalibration, §3.3 losses [INTERP]"
+        "docs/strategies.md §7.3 recalibration, §7.4-7.5 losses [INTERP]"
     )
     defaults = {
         "recalibrate": True,

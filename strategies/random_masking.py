@@ -1,4 +1,4 @@
-"""Random masking, exactly as MAE (He et al. 2021, §3 "Masking"; spec §1)."""
+"""Random masking, exactly as MAE (He et al. 2021, §3 "Masking"); see docs/strategies.md §2."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ class RandomMasking(MaskingStrategy):
 
     Reference: ``facebookresearch/mae`` ``models_mae.py::random_masking`` [CODE]. The count is the
     same for every sample (L=49, r=0.75 -> 12 visible, 37 hidden), chosen uniformly over all subsets.
+    Reference and provenance: docs/strategies.md §2 (tags defined in §0.1).
     """
 
     name = "random"
     summary = "MAE: a uniformly random subset of tokens, the same count per image"
-    source = "MAE (arXiv 2111.06377) §3; spec §1"
+    source = "MAE (arXiv 2111.06377) §3; docs/strategies.md §2"
 
     def plan(self, images, ctx: PlanContext) -> MaskPlan:
         noise = ctx.rand(images.shape[0], ctx.num_tokens)

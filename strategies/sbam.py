@@ -1,24 +1,9 @@
-"""Salience-based masking: SBM (fixed ratio) and SBAM + adaptive masking ratio (spec §5, §6).
+"""Salience-based masking: SBM (``sbam``, fixed ratio) and SBAM with an adaptive masking ratio (``sbam_amr``).
 
-Choi, Park, Yi, Cha, Min, "Salience-Based Adaptive Masking: Revisiting Token Dynamics for Enhanced
-Pre-training", arXiv 2404.08327 / ECCV 2024. The paper's method section was not readable when the
-spec was written; the primary source is the official code, ``doihye/SBAM`` ``models_mae.py``
-``MaskedAutoencoderViT.saliency_guided_masking`` (spec §9) [CODE].
-
-Provenance of each piece (tags as in spec §0.1):
-
-* [CODE] salience from the current model's patch + position embeddings ``E`` (cls not appended),
-  affinity ``E Eᵀ`` without ``1/√D``, row softmax, column sum ("outgoing attention"), per-sample
-  min–max; score ``ŝ + U[0, 0.5)`` (``rand / 2``); argsort ascending, keep the ``K = int(L(1−r))``
-  lowest scores, hide the rest (spec §5.1, §5.2). AMR: ``y = #{ŝ > δ}`` (strict), batch-mean
-  fraction, ``r = r0 − Δ + 2Δ·ȳ``, one ``K`` for the whole batch, computed in float32 with the
-  reference's operation order (spec §6.1).
-* [CODE, fixed as spec §5.5] ``+1e-6`` in the min–max denominator (the reference has none and gives
-  NaN on a constant row); AMR ratio clamped to [0, 1) and ``K >= 1``.
-* [INTERP] everything the sources do not define: ``Δ = 0.10`` and ``δ = 0.5`` (third-party defaults,
-  NOT from the paper, spec §6.2); the per-sample AMR ``mode='sample'`` (spec §6.1 step 3, §6.4); the
-  random-masking warm-up (spec §5.4: the README resumes from a 100-epoch checkpoint whose training is
-  not described); the first-block attention salience (spec §5.6 (a)); the ``1/√D`` ablation (spec §5.5).
+Choi et al., "Salience-Based Adaptive Masking: Revisiting Token Dynamics for Enhanced Pre-training",
+arXiv 2404.08327 / ECCV 2024 (method section not readable). Reference code [CODE]: ``doihye/SBAM``
+``models_mae.py`` ``MaskedAutoencoderViT.saliency_guided_masking``. What follows the reference, what
+fixes it and what is our interpretation: docs/strategies.md §5 (SBM) and §6 (AMR).
 
 Precision: the affinity is computed in float32 with autocast disabled (the embeddings too), so a
 ``bf16`` training run plans the same masks as a float32 one.
@@ -54,7 +39,7 @@ def _is_number(value: Any) -> bool:
 
 
 def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
-    """Per-row min–max to [0, 1] with ``+1e-6`` in the denominator (spec §5.2 step 4)."""
+    """Per-row min–max to [0, 1] with ``+1e-6`` in the denominator (the reference has none; docs/strategies.md §5.3)."""
     lo = s.min(dim=1, keepdim=True).values
     hi = s.max(dim=1, keepdim=True).values
     return (s - lo) / (hi - lo + MINMAX_EPS)
@@ -63,7 +48,7 @@ def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
 def embedding_salience(emb: torch.Tensor, scaled: bool = False) -> torch.Tensor:
     """Raw SBAM salience (N, L) from embeddings (N, L, D): column sums of ``softmax_rows(E Eᵀ)``.
 
-    ``scaled`` divides the logits by ``√D`` (spec §5.5 ablation, not the reference).
+    ``scaled`` divides the logits by ``√D`` (an ablation, not the reference; docs/strategies.md §5.3).
     """
     emb = emb.float()
     logits = emb @ emb.transpose(1, 2)
@@ -73,7 +58,7 @@ def embedding_salience(emb: torch.Tensor, scaled: bool = False) -> torch.Tensor:
 
 
 def first_block_attention_salience(ctx: PlanContext, images: torch.Tensor) -> torch.Tensor:
-    """Raw salience (N, L) from the real attention of the model's first encoder block [INTERP, §5.6 (a)].
+    """Raw salience (N, L) from the real attention of the model's first encoder block [INTERP, docs/strategies.md §5.3].
 
     Sequence = cls + all L patch tokens (what every encoder pass of :class:`MIMViT` holds, with
     cls first); probabilities ``softmax(q kᵀ / √d_head)`` of block 0, averaged over heads, summed
@@ -87,7 +72,7 @@ def first_block_attention_salience(ctx: PlanContext, images: torch.Tensor) -> to
 
 @register
 class SalienceMasking(MaskingStrategy):
-    """SBM — salience-based masking at a fixed ratio (SBAM paper, spec §5; paper section not verified) [CODE].
+    """SBM — salience-based masking at a fixed ratio (SBAM paper; docs/strategies.md §5) [CODE].
 
     Per batch, from the current model (no gradient, float32):
     ``S = E Eᵀ`` on patch + position embeddings ``E`` (N, L, D), row softmax, salience ``s[j] =
@@ -98,22 +83,19 @@ class SalienceMasking(MaskingStrategy):
 
     Parameters:
       noise_scale (0.5, [CODE] constant): amplitude of the uniform noise; 0 = pure salience top-k.
-      scaled (False): divide the affinity by ``√D`` — ablation of spec §5.5, [INTERP].
-      salience_source ('embeddings'): 'embeddings' is the reference [CODE]; 'attention' is spec §5.6
-        variant (a), [INTERP], label "SBM-attn-variant": the first encoder block's real attention on
-        cls + all L tokens (see :func:`first_block_attention_salience`). It costs one extra
-        attention layer on L + 1 tokens per step; ``scaled`` does not apply to it (the real
-        attention is already scaled by ``1/√d_head``).
-      warmup_epochs (0): epochs ``< warmup_epochs`` use plain MAE random masking (same noise draw
-        as ``random``, so the plan equals the ``random`` strategy's for the same generator state).
-        The official recipe resumes SBAM from a 100-epoch warm-up checkpoint (spec §5.4); that the
-        warm-up is random masking is [INTERP]. The warm-up epochs count in the run's epoch budget.
+      scaled (False): divide the affinity by ``√D``, an ablation [INTERP].
+      salience_source ('embeddings'): 'embeddings' is the reference [CODE]; 'attention' [INTERP],
+        label "SBM-attn-variant": the first encoder block's real attention on cls + all L tokens
+        (:func:`first_block_attention_salience`), one extra attention layer per step; ``scaled``
+        does not apply to it (that attention is already scaled by ``1/√d_head``).
+      warmup_epochs (0): epochs ``< warmup_epochs`` use plain MAE random masking with the same noise
+        draw as ``random`` [INTERP, our reading of the README's warm-up checkpoint]; they count in
+        the run's epoch budget.
 
-    ``needs`` and ``interpretation`` are class attributes (reported by ``masking-bench list``); an
-    instance overrides them when configured away from the reference: ``salience_source='attention'``
-    -> ``needs={'attention'}``; attention source, ``scaled=True`` or ``warmup_epochs > 0`` ->
-    ``interpretation=True``. ``describe()`` (stored in every run record) reports the instance values,
-    plus ``variant`` and ``deviations`` (each non-reference setting, with its spec section).
+    The class follows the reference (``interpretation = False``); an instance with the attention
+    source, ``scaled=True`` or ``warmup_epochs > 0`` sets ``interpretation=True`` (and the attention
+    source ``needs={'attention'}``). ``describe()`` (stored in every run record) reports the instance
+    values, plus ``variant`` and ``deviations`` (each non-reference setting).
 
     Diagnostics: ``salience`` (N, L) = ŝ, ``base_ratio`` (float) = r. During warm-up only
     ``base_ratio`` and ``warmup`` (True) are given (no salience is computed).
@@ -123,7 +105,7 @@ class SalienceMasking(MaskingStrategy):
     summary = "hide the most salient tokens (embedding affinity column sums + noise)"
     source = (
         "SBAM/SBM (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
-        "saliency_guided_masking; spec §5"
+        "saliency_guided_masking; docs/strategies.md §5"
     )
     needs = frozenset({"embeddings"})
     defaults: dict[str, Any] = {
@@ -160,21 +142,26 @@ class SalienceMasking(MaskingStrategy):
 
     # ------------------------------------------------------------------------------ reporting
     def deviations(self) -> list[str]:
-        """Settings of this instance that depart from the reference code, with their spec section."""
+        """Settings of this instance that depart from the reference code (stored in run records);
+        each is explained in docs/strategies.md §5.3 / §6.3."""
         out = []
         if self.salience_source == "attention":
-            out.append("salience_source=attention: first-block attention, cls included (spec §5.6 (a)) [INTERP]")
+            out.append(
+                "salience_source=attention: first-block attention, cls included (docs/strategies.md §5.3) [INTERP]"
+            )
         if self.scaled:
-            out.append("scaled: affinity divided by sqrt(D) (spec §5.5 ablation) [INTERP]")
+            out.append("scaled: affinity divided by sqrt(D) (docs/strategies.md §5.3) [INTERP]")
         if self.warmup_epochs:
-            out.append(f"warmup_epochs={self.warmup_epochs}: MAE random masking first (spec §5.4) [INTERP]")
+            out.append(
+                f"warmup_epochs={self.warmup_epochs}: MAE random masking first (docs/strategies.md §5.3) [INTERP]"
+            )
         return out
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         notes = self.deviations()
         if self.noise_scale != 0.5:
-            notes.append(f"noise_scale={self.noise_scale} (reference hard-codes 0.5, spec §5.2)")
+            notes.append(f"noise_scale={self.noise_scale} (reference hard-codes 0.5, docs/strategies.md §5.1)")
         info["variant"] = "SBM-attn-variant" if self.salience_source == "attention" else "SBM"
         info["deviations"] = notes
         return info
@@ -221,21 +208,20 @@ class SalienceMasking(MaskingStrategy):
 
 @register
 class SalienceAdaptiveRatio(SalienceMasking):
-    """SBAM = SBM + Adaptive Masking Ratio (SBAM paper, spec §6; paper section not verified).
+    """SBAM = SBM + Adaptive Masking Ratio (SBAM paper; docs/strategies.md §6).
 
     Count per sample ``y_n = #{j : ŝ_n[j] > δ}`` (strict), ``r = r0 − Δ + 2Δ·(y / L)``, clamped to
-    [0, 1) with ``K >= 1`` visible, ``K = int(L(1−r))``; then the tokens are chosen exactly as SBM
+    [0, 1], ``K = int(L(1−r))`` with ``K >= 1`` visible; then the tokens are chosen exactly as SBM
     (:class:`SalienceMasking`). ``r0`` is the run's masking ratio.
 
     Parameters (besides SBM's noise_scale / scaled / salience_source / warmup_epochs):
       delta_ratio (Δ, 0.10) and threshold (δ, 0.5): NOT from the paper — the official code and the
-        readable docs give no default; these are a third-party re-use's defaults, [INTERP] (spec §6.2).
+        readable docs give no default; these are a third-party re-use's defaults [INTERP].
       mode ('batch'): 'batch' is the released code [CODE]: one ratio from the batch-mean fraction
         ``ȳ = mean_n(y_n) / L`` and one ``K`` for the whole batch, in float32 with the reference's
-        operation order (so ``K`` matches it bit for bit, including truncation at float32 rounding
-        boundaries). 'sample' [INTERP] (spec §6.1 step 3, "tailored to each sample"): each image its
-        own ``r_n`` and ``K_n`` (same arithmetic per sample); the mask then has ragged counts — the
-        ``mae`` model pads the visible set and blocks padded keys (spec §6.4); ``simmim`` needs nothing.
+        operation order (so ``K`` matches it bit for bit). 'sample' [INTERP]: each image its own
+        ``r_n`` and ``K_n`` (same arithmetic per sample), so counts differ per sample — the ``mae``
+        model pads the visible set and blocks padded keys (docs/strategies.md §1.5).
 
     During warm-up (``epoch < warmup_epochs``) the plan is MAE random masking at ``r0``.
     Class ``interpretation = True``: the defaults of Δ and δ are not the paper's.
@@ -250,7 +236,7 @@ class SalienceAdaptiveRatio(SalienceMasking):
     adaptive_ratio = True  # r = r0 − Δ + 2Δ·(salient fraction): the trainer does not hold it to r0
     source = (
         "SBAM + AMR (Choi et al., arXiv 2404.08327, ECCV 2024; method section not read); doihye/SBAM models_mae.py "
-        "saliency_guided_masking; spec §6"
+        "saliency_guided_masking; docs/strategies.md §6"
     )
     defaults: dict[str, Any] = {**SalienceMasking.defaults, "delta_ratio": 0.10, "threshold": 0.5, "mode": "batch"}
 
@@ -268,10 +254,11 @@ class SalienceAdaptiveRatio(SalienceMasking):
     def deviations(self) -> list[str]:
         out = super().deviations()
         out.append(
-            f"delta_ratio={self.delta_ratio}, threshold={self.threshold}: not from the paper (spec §6.2) [INTERP]"
+            f"delta_ratio={self.delta_ratio}, threshold={self.threshold}: not from the paper "
+            "(docs/strategies.md §6.3) [INTERP]"
         )
         if self.mode == "sample":
-            out.append("mode=sample: per-sample ratio, ragged counts (spec §6.1 step 3, §6.4) [INTERP]")
+            out.append("mode=sample: per-sample ratio, ragged counts (docs/strategies.md §6.3) [INTERP]")
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny suite, result folders, the real Fashion-MNIST, and a CLI runner.
+"""Shared fixtures and helpers: a tiny suite, result folders, the real Fashion-MNIST, a CLI runner,
+planning contexts (``ctx_for``) and image batches for strategy tests.
 
 The machine has 2 cores shared with other people. Two OpenMP threads competing with another busy
 process make a cpu-tiny training step ~10x slower than one thread (spin-waiting), so the tests run
@@ -143,6 +144,64 @@ def models():
         torch.manual_seed(0)
         out[method] = build_model("cpu-tiny", method, 28, 1).eval()
     return out
+
+
+# ------------------------------------------------------------------ planning contexts and image batches
+
+
+def ctx_for(model_or_grid, seed: int = 0, epoch: int = 0, *, method: str | None = None):
+    """A :class:`~masking_bench.masking.PlanContext` with a fresh generator seeded ``seed``.
+
+    Given a model: its token grid and MIM method. Given a grid ``(h, w)`` instead: no model (for
+    strategies that read only the grid) and method ``mae``. ``method`` overrides either.
+    """
+    import torch
+
+    from masking_bench.masking import PlanContext
+
+    if isinstance(model_or_grid, tuple):
+        model, grid, default = None, model_or_grid, "mae"
+    else:
+        model, grid, default = model_or_grid, model_or_grid.grid, model_or_grid.method
+    return PlanContext(model, grid, torch.Generator().manual_seed(seed), epoch=epoch, method=method or default)
+
+
+def blank_images(n: int):
+    """``n`` black 1x28x28 images, for strategies that read only the batch size."""
+    import torch
+
+    return torch.zeros(n, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def noise_images():
+    """Four seeded standard-normal 1x28x28 images."""
+    import torch
+
+    return torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def smooth_images():
+    """Four seeded smooth-ish 1x28x28 images: bilinear up-sampled 7x7 noise plus a little pixel noise."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    coarse = torch.randn(4, 1, 7, 7, generator=g)
+    return F.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False) + 0.1 * torch.randn(
+        4, 1, 28, 28, generator=g
+    )
+
+
+@pytest.fixture(scope="module")
+def synthetic_images():
+    """The 16 training images of a seeded synthetic dataset, normalised as the loader normalises them."""
+    from masking_bench.data import make_synthetic
+
+    ds = make_synthetic(n_train=16, n_test=8, seed=1)
+    x = ds.train.images.float() / 255.0
+    return (x - ds.mean[0]) / ds.std[0]
 
 
 def flaky_plugin(name: str, source: str) -> str:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ctx_for
 
 from masking_bench.config import expand, parse_suite
 from masking_bench.store import RunRecord
@@ -96,7 +97,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, strategy):
 def test_each_rank_computes_only_its_share_of_the_global_plan():
     import torch
 
-    from masking_bench.masking import PlanContext, build_strategy
+    from masking_bench.masking import build_strategy
     from masking_bench.models import build_model
     from masking_bench.train import DistInfo, forward_losses
 
@@ -112,7 +113,7 @@ def test_each_rank_computes_only_its_share_of_the_global_plan():
 
     plans = []
     for rank in (0, 1):
-        ctx = PlanContext(model, model.grid, torch.Generator().manual_seed(3))
+        ctx = ctx_for(model, 3)
         _, _, plan, _ = forward_losses(model, strategy, ctx, x, None, DistInfo(rank, 2), forward)
         plans.append(plan)
     assert torch.equal(plans[0].mask, plans[1].mask)  # the same global plan on every rank

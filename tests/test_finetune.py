@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning protocol (masking_bench/finetune.py, spec §7.1) on real Fashion-MNIST."""
+"""End-to-end fine-tuning protocol (masking_bench/finetune.py; docs/strategies.md §9.2) on real Fashion-MNIST."""
 
 from __future__ import annotations
 

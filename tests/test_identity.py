@@ -306,7 +306,7 @@ def test_an_avx2_host_trains_auto_in_fp32_and_refuses_explicit_bf16(tmp_path):
 def test_bench_names_the_isa_and_measures_only_native_precisions():
     import torch
 
-    from masking_bench import bench
+    from masking_bench import bench, bench_table
     from masking_bench.precision import cpu_hardware
 
     info = bench.machine_info(torch.device("cpu"))
@@ -315,5 +315,5 @@ def test_bench_names_the_isa_and_measures_only_native_precisions():
     assert "bf16" not in bench.default_variants(compile=True, bf16=False)
     assert all(v.get("amp") != "bf16" for v in bench.default_variants(compile=True, bf16=False).values())
     assert "bf16" in bench.default_variants(bf16=True)
-    table = bench.format_table({"machine": info})
+    table = bench_table.format_table({"machine": info})
     assert f"ISA {info['isa']}: train.amp auto trains in {info['amp_auto']}" in table

@@ -1,4 +1,4 @@
-"""Launchers without a cluster (issue 5): debug launcher records, status, retry of failures, flag vs suite,
+"""Launchers without a cluster: debug launcher records, status, retry of failures, flag vs suite,
 array chunking, submit-time bookkeeping, and interrupted-then-resumed == uninterrupted on CPU."""
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def test_status_marks_records_whose_job_vanished(monkeypatch, tmp_path):
 def test_flag_wins_over_the_suite_launcher(monkeypatch, tmp_path):
     seen = []
 
-    def fake_launch(specs, results, cfg, kind, suite, wait=True, show_progress=True):
+    def fake_launch(specs, results, cfg, kind, suite, wait=True, show_progress=True, accept_stale=False):
         seen.append((kind, cfg.kind, wait))
         return launch_mod.SuiteOutcome(skipped=[s.short() for s in specs])
 
@@ -228,12 +228,14 @@ def test_debug_launcher_status_failure_and_retry(flaky, tmp_path, capsys):
                 assert rec.is_done() and len(rec.read_metrics()) == 1 and rec.checkpoint_path.is_file()
                 assert rec.read_summary()["run_hash"] == spec.run_hash and rec.config_path.is_file()
             else:
-                assert st["state"] == "failed" and st["reason"] == "RuntimeError: planned failure: flag file present"
+                assert st["state"] == "failed" and st["reason"] == (
+                    "strategy 'flaky_test' (ratio 0.75) failed in plan(): RuntimeError: planned failure: flag file present"
+                )
                 assert "Traceback" in st["traceback"]
 
         assert cli.main(["status", str(suite), "--results", str(results)]) == 0
         out = capsys.readouterr().out
-        assert "suite 'dbg': 4 runs - 2 done, 0 running, 0 pending, 2 failed" in out
+        assert "suite 'dbg': 4 runs - 2 done, 0 stale, 0 running, 0 pending, 2 failed" in out
         lines = [line for line in out.splitlines() if "flaky_test" in line]
         assert len(lines) == 2 and all("failed" in x and "planned failure" in x and "DEBUG_" in x for x in lines)
         assert sum(" done " in line and "1/1" in line for line in out.splitlines()) == 2
@@ -245,14 +247,14 @@ def test_debug_launcher_status_failure_and_retry(flaky, tmp_path, capsys):
     assert code == 0, err
     assert "done 2, already finished 2, failed 0" in err
     assert cli.main(["status", str(suite), "--results", str(results), "--no-slurm"]) == 0
-    assert "4 runs - 4 done, 0 running, 0 pending, 0 failed" in capsys.readouterr().out
+    assert "4 runs - 4 done, 0 stale, 0 running, 0 pending, 0 failed" in capsys.readouterr().out
 
 
 def test_status_of_a_suite_never_run(tmp_path, capsys):
     suite = write_suite(tmp_path / "fresh.yaml", tiny_suite("fresh", seeds=[0, 1, 2]))
     assert cli.main(["status", str(suite), "--results", str(tmp_path / "nothing")]) == 0
     out = capsys.readouterr().out
-    assert "3 runs - 0 done, 0 running, 3 pending, 0 failed" in out and out.count("0/1") == 3
+    assert "3 runs - 0 done, 0 stale, 0 running, 3 pending, 0 failed" in out and out.count("0/1") == 3
 
 
 # ------------------------------------------------------------------------------ resume == uninterrupted

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import blank_images, ctx_for
 
 from masking_bench.errors import BenchError
 from masking_bench.masking import (
@@ -22,17 +23,9 @@ GRIDS = {49: (7, 7), 196: (14, 14), 64: (8, 8), 16: (4, 4)}
 RATIOS = (0.5, 0.6, 0.75, 0.9)
 
 
-def ctx_for(grid, seed=0, method="mae"):
-    return PlanContext(None, grid, torch.Generator().manual_seed(seed), method=method)
-
-
-def images(n):
-    return torch.zeros(n, 1, 28, 28)  # strategies here only read the batch size
-
-
 def plan(name, ratio, grid, n=64, seed=0, method="mae", **params):
     strategy = build_strategy(name, ratio, method, params)
-    return strategy.plan(images(n), ctx_for(grid, seed, method)).mask
+    return strategy.plan(blank_images(n), ctx_for(grid, seed, method=method)).mask
 
 
 def mae_random_masking(noise: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -76,7 +69,7 @@ class ConstantContext(PlanContext):
     [(196, 0.75, 147), (196, 0.6, 118), (196, 0.9, 177), (49, 0.75, 37), (49, 0.6, 30), (49, 0.5, 25), (16, 0.9, 15)],
 )
 def test_num_hidden_is_maes_truncation_rule(length, ratio, hidden):
-    assert num_hidden(length, ratio) == hidden  # spec §1: K = int(L(1-r)) visible
+    assert num_hidden(length, ratio) == hidden  # docs/strategies.md §1.2: K = int(L(1-r)) visible
 
 
 @pytest.mark.parametrize("length", sorted(GRIDS))
@@ -146,7 +139,7 @@ def test_block_single_block_is_a_rectangle_smaller_than_the_grid(value, grid):
     # constant random draws + a budget that stays the same -> the same proposal every time, so at
     # most one block is placed (later proposals add nothing and are rejected)
     strategy = build_strategy("block", 0.75, "simmim", {"min_block": 6, "max_block": 12})
-    mask = strategy.plan(images(3), ConstantContext(grid, value)).mask
+    mask = strategy.plan(blank_images(3), ConstantContext(grid, value)).mask
     gh, gw = grid
     for row in mask:
         rect, h, w = is_filled_rectangle(row.view(gh, gw))
@@ -159,9 +152,9 @@ def test_block_never_spans_the_full_width_or_height():
     # all draws 0: area = 15 at the extreme aspect 0.3 -> a 2x7 (or 7x2) rectangle. On a 7x7 grid it
     # touches a full side, which BEiT's strict test (h < H and w < W) rejects; on 8x8 it is placed.
     params = {"min_block": 15, "max_block": 15}
-    on7 = build_strategy("block", 0.75, "simmim", params).plan(images(2), ConstantContext((7, 7), 0.0)).mask
+    on7 = build_strategy("block", 0.75, "simmim", params).plan(blank_images(2), ConstantContext((7, 7), 0.0)).mask
     assert on7.sum() == 0
-    on8 = build_strategy("block", 0.75, "simmim", params).plan(images(2), ConstantContext((8, 8), 0.0)).mask
+    on8 = build_strategy("block", 0.75, "simmim", params).plan(blank_images(2), ConstantContext((8, 8), 0.0)).mask
     rect, h, w = is_filled_rectangle(on8[0].view(8, 8))
     assert rect and sorted((h, w)) == [2, 7]
 
@@ -442,7 +435,7 @@ def test_block_smallest_rectangle_has_the_default_min_area(grid, side):
     # area draw 0 -> area = min_block; aspect draw 0.5 -> aspect 1: a side x side square with
     # side = sqrt(min_block) = 2 on 7x7 (min 4), 4 on 14x14 (min 16). Doubling min_block gives 3x3 / 6x6.
     strategy = build_strategy("block", 0.75, "simmim")
-    mask = strategy.plan(images(2), ColumnContext(grid, [0.0, 0.5, 0.0, 0.0])).mask
+    mask = strategy.plan(blank_images(2), ColumnContext(grid, [0.0, 0.5, 0.0, 0.0])).mask
     for row in mask:
         rect, h, w = is_filled_rectangle(row.view(grid))
         assert rect and (h, w) == (side, side), row.view(grid)
@@ -451,7 +444,7 @@ def test_block_smallest_rectangle_has_the_default_min_area(grid, side):
 @pytest.mark.parametrize("grid,shape", [((7, 7), (1, 4)), ((14, 14), (2, 7))])
 def test_block_aspect_lower_bound_is_beits_0_3(grid, shape):
     # area = min_block, aspect = 0.3: h = round(sqrt(A*0.3)), w = round(sqrt(A/0.3))
-    mask = build_strategy("block", 0.75, "simmim").plan(images(1), ColumnContext(grid, [0.0, 0.0, 0.0, 0.0])).mask
+    mask = build_strategy("block", 0.75, "simmim").plan(blank_images(1), ColumnContext(grid, [0.0, 0.0, 0.0, 0.0])).mask
     rect, h, w = is_filled_rectangle(mask[0].view(grid))
     assert rect and (h, w) == shape
 
@@ -459,7 +452,7 @@ def test_block_aspect_lower_bound_is_beits_0_3(grid, shape):
 def test_block_largest_rectangle_is_the_target_count():
     # area draw -> 1: area = max_block = target = 25 at r = 0.5 on 7x7, aspect 1 -> one 5x5 square
     ctx = ColumnContext((7, 7), [0.9999999, 0.5, 0.0, 0.0])
-    mask = build_strategy("block", 0.5, "simmim").plan(images(1), ctx).mask
+    mask = build_strategy("block", 0.5, "simmim").plan(blank_images(1), ctx).mask
     rect, h, w = is_filled_rectangle(mask[0].view(7, 7))
     assert rect and (h, w) == (5, 5) and num_hidden(49, 0.5) == 25
 
@@ -467,10 +460,10 @@ def test_block_largest_rectangle_is_the_target_count():
 def test_block_gives_up_after_the_default_ten_attempts():
     # the first proposal is placed, every later one adds nothing: 1 + 10 draws, then the row stops
     ctx = ColumnContext((7, 7), [0.0, 0.5, 0.0, 0.0])
-    build_strategy("block", 0.75, "simmim").plan(images(3), ctx)
+    build_strategy("block", 0.75, "simmim").plan(blank_images(3), ctx)
     assert ctx.calls == 1 + 10
     ctx = ColumnContext((7, 7), [0.0, 0.5, 0.0, 0.0])
-    build_strategy("block", 0.75, "simmim", {"attempts": 3}).plan(images(3), ctx)
+    build_strategy("block", 0.75, "simmim", {"attempts": 3}).plan(blank_images(3), ctx)
     assert ctx.calls == 1 + 3
 
 

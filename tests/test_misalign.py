@@ -1,4 +1,5 @@
-"""Beyond-Masking zoom-in + masking (strategies/misalign.py, spec §4.3): geometry, losses, weights, backward."""
+"""Beyond-Masking zoom-in + masking (strategies/misalign.py; docs/strategies.md §8): geometry, losses, weights,
+backward."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from conftest import ctx_for
 
 from masking_bench.errors import BenchError
-from masking_bench.masking import PlanContext, build_strategy
+from masking_bench.masking import build_strategy
 from masking_bench.models import patchify, unpatchify
 from masking_bench.strategies.misalign import big_size
 from masking_bench.train import forward_losses
@@ -18,20 +20,6 @@ from masking_bench.train import forward_losses
 L = 49
 N = 4
 S, B, MARGIN = 28, 36, 4
-
-
-@pytest.fixture(scope="module")
-def images():
-    """Smooth-ish images (bilinear up-sampled 7x7 noise plus a little pixel noise)."""
-    g = torch.Generator().manual_seed(5)
-    coarse = torch.randn(N, 1, 7, 7, generator=g)
-    return F.interpolate(coarse, size=(S, S), mode="bilinear", align_corners=False) + 0.1 * torch.randn(
-        N, 1, S, S, generator=g
-    )
-
-
-def ctx_for(model, seed: int) -> PlanContext:
-    return PlanContext(model, model.grid, torch.Generator().manual_seed(seed), method=model.method)
 
 
 # ------------------------------------------------------------------ independent reference pieces
@@ -78,7 +66,7 @@ def joint_norm(imgs: torch.Tensor) -> torch.Tensor:
 
 
 def reference_losses(pred, view, target, mask, method, c=1, stats=None):
-    """The zoomed-in forward_loss written out independently (spec §4.3 steps 4-5)."""
+    """The zoomed-in forward_loss written out independently (docs/strategies.md §8.1, step 3)."""
     pred_big = area(unpatchify(pred, 4, c, (7, 7)), B)
     pc = patchify(pred_big[..., MARGIN : MARGIN + S, MARGIN : MARGIN + S], 4)
     if method == "mae":
@@ -110,30 +98,30 @@ def test_big_size():
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_view_is_centre_crop_and_masks_are_random(models, images, method):
+def test_view_is_centre_crop_and_masks_are_random(models, smooth_images, method):
     model = models[method]
     for seed in (0, 3):
-        plan = build_strategy("misalign", 0.75, method).plan(images, ctx_for(model, seed))
-        whole = TF.resize(images, [B, B], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        assert plan.view.shape == images.shape
+        plan = build_strategy("misalign", 0.75, method).plan(smooth_images, ctx_for(model, seed))
+        whole = TF.resize(smooth_images, [B, B], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        assert plan.view.shape == smooth_images.shape
         assert torch.allclose(plan.view, whole[..., MARGIN : MARGIN + S, MARGIN : MARGIN + S], atol=1e-6)
         assert torch.allclose(plan.target, area(whole, S), atol=1e-5)
-        rnd = build_strategy("random", 0.75, method).plan(images, ctx_for(model, seed))
+        rnd = build_strategy("random", 0.75, method).plan(smooth_images, ctx_for(model, seed))
         assert torch.equal(plan.mask, rnd.mask)
         assert (plan.mask.sum(dim=1) == L - int(L * 0.25)).all()
     # the zoom is real: the view is not the input, and the target is the input up to resampling
-    assert not torch.allclose(plan.view, images, atol=1e-2)
-    assert (plan.target - images).abs().mean() < 0.5 * (plan.view - images).abs().mean()
+    assert not torch.allclose(plan.view, smooth_images, atol=1e-2)
+    assert (plan.target - smooth_images).abs().mean() < 0.5 * (plan.view - smooth_images).abs().mean()
 
 
 # -------------------------------------------------------------------------------------- losses
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_losses_match_reference(models, images, method):
+def test_losses_match_reference(models, smooth_images, method):
     model = models[method]
     strat = build_strategy("misalign", 0.75, method, {"centre_weight": 1.0, "border_weight": 1.0})
-    plan = strat.plan(images, ctx_for(model, 1))
+    plan = strat.plan(smooth_images, ctx_for(model, 1))
     pred = torch.randn(N, L, 16, generator=torch.Generator().manual_seed(2))
     centre, border = strat.raw_losses(model, pred, plan.view, plan.target, plan.mask)
     ref_c, ref_b = reference_losses(pred, plan.view, plan.target, plan.mask.float(), method)
@@ -142,14 +130,14 @@ def test_losses_match_reference(models, images, method):
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_ideal_whole_view_prediction(models, images, method):
+def test_ideal_whole_view_prediction(models, smooth_images, method):
     """pred = (per-patch-normalised, for mae) patches of the whole view at S: the border term is exactly
     0 (prediction and target take the same resize), the centre term is not — area up-sampling of
     the S-px rendering does not reproduce the crop (rank-deficient resize), and for mae the patches are
     normalised on the OUTPUT grid while the centre target is normalised on the INPUT grid."""
     model = models[method]
     strat = build_strategy("misalign", 0.75, method)
-    plan = strat.plan(images, ctx_for(model, 0))
+    plan = strat.plan(smooth_images, ctx_for(model, 0))
     ideal = norm(plan.target) if method == "mae" else patchify(plan.target, 4)
     centre, border = strat.raw_losses(model, ideal, plan.view, plan.target, plan.mask)
     zero_c, zero_b = strat.raw_losses(model, torch.zeros_like(ideal), plan.view, plan.target, plan.mask)
@@ -162,10 +150,10 @@ def test_ideal_whole_view_prediction(models, images, method):
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_centre_reads_hidden_view_patches_only(models, images, method):
+def test_centre_reads_hidden_view_patches_only(models, smooth_images, method):
     model = models[method]
     strat = build_strategy("misalign", 0.75, method)
-    plan = strat.plan(images, ctx_for(model, 0))
+    plan = strat.plan(smooth_images, ctx_for(model, 0))
     pred = torch.randn(N, L, 16, generator=torch.Generator().manual_seed(2))
     base, _ = strat.raw_losses(model, pred, plan.view, plan.target, plan.mask)
     tokens = patchify(plan.view, 4)
@@ -176,12 +164,12 @@ def test_centre_reads_hidden_view_patches_only(models, images, method):
     assert strat.raw_losses(model, pred, hid_changed, plan.target, plan.mask)[0].item() != pytest.approx(base.item())
 
 
-def test_weights_enter_as_stated(models, images):
+def test_weights_enter_as_stated(models, smooth_images):
     model = models["mae"]
     default = build_strategy("misalign", 0.75, "mae")
     assert (default.centre_weight, default.border_weight) == (0.8, 0.2)
     with torch.no_grad():
-        plan = default.plan(images, ctx_for(model, 0))
+        plan = default.plan(smooth_images, ctx_for(model, 0))
         out = model(plan.view, plan.mask)
         terms = default.losses(model, out, plan, plan.view)
         only_c = build_strategy("misalign", 0.75, "mae", {"border_weight": 0.0}).losses(model, out, plan, plan.view)
@@ -196,11 +184,11 @@ def test_weights_enter_as_stated(models, images):
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_step_and_backward(images, method, fresh_model):
+def test_step_and_backward(smooth_images, method, fresh_model):
     model = fresh_model(method)
     model.train()
     strat = build_strategy("misalign", 0.75, method)
-    loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 0), images, None)
+    loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 0), smooth_images, None)
     assert torch.isfinite(loss) and math.isclose(loss.item(), sum(v.item() for v in terms.values()), rel_tol=1e-6)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -144,7 +144,7 @@ def test_loss_values_follow_spec(mae, simmim, batch):
     mask = masks_with_counts([37, 37, 30, 20, 40, 37])
     pred = torch.randn(N, L, P * P, generator=torch.Generator().manual_seed(4))
     target = patchify(batch, P)
-    # MAE (spec §0.3): per-patch normalised target, unbiased var + 1e-6, mean over hidden patches of the batch
+    # MAE (docs/strategies.md §1.4): per-patch normalised target, unbiased var + 1e-6, mean over all hidden patches
     norm = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True, unbiased=True) + 1e-6).sqrt()
     per_patch = ((pred - norm) ** 2).mean(-1)
     assert mae.reconstruction_loss(pred, batch, mask).item() == pytest.approx(per_patch[mask].mean().item(), rel=1e-5)

@@ -1,4 +1,4 @@
-"""MTO-interp (strategies/mto.py, spec §3): masking unchanged, isolation, hand-checked terms, wiring."""
+"""MTO-interp (strategies/mto.py, docs/strategies.md §7): masking unchanged, isolation, hand-checked terms, wiring."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import ctx_for
 
 from masking_bench.errors import BenchError
-from masking_bench.masking import PlanContext, build_strategy
+from masking_bench.masking import build_strategy
 from masking_bench.models import patchify, unpatchify
 from masking_bench.strategies.mto import depth_weights, mto_terms
 from masking_bench.train import forward_losses
@@ -17,42 +18,33 @@ L = 49  # cpu-tiny at 28 px: 7x7 tokens
 N = 4
 
 
-@pytest.fixture(scope="module")
-def images():
-    return torch.randn(N, 1, 28, 28, generator=torch.Generator().manual_seed(5))
-
-
-def ctx_for(model, seed: int) -> PlanContext:
-    return PlanContext(model, model.grid, torch.Generator().manual_seed(seed), method=model.method)
-
-
 # ------------------------------------------------------------------------------------ masking
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_masks_equal_random(models, images, method):
+def test_masks_equal_random(models, noise_images, method):
     model = models[method]
     for seed in (0, 1, 7):
         for ratio in (0.5, 0.75):
-            mto = build_strategy("mto", ratio, method).plan(images, ctx_for(model, seed))
-            rnd = build_strategy("random", ratio, method).plan(images, ctx_for(model, seed))
+            mto = build_strategy("mto", ratio, method).plan(noise_images, ctx_for(model, seed))
+            rnd = build_strategy("random", ratio, method).plan(noise_images, ctx_for(model, seed))
             assert torch.equal(mto.mask, rnd.mask)
             assert (mto.mask.sum(dim=1) == L - int(L * (1 - ratio))).all()
             assert mto.view is None and mto.target is None
 
 
-def test_plan_flags_and_depth_schedule(models, images):
+def test_plan_flags_and_depth_schedule(models, noise_images):
     mae, simmim = models["mae"], models["simmim"]
-    plan = build_strategy("mto", 0.75, "mae").plan(images, ctx_for(mae, 0))
+    plan = build_strategy("mto", 0.75, "mae").plan(noise_images, ctx_for(mae, 0))
     assert plan.isolate_mask_tokens and plan.record_attention == (0,)  # 1-block decoder -> that block
-    plan = build_strategy("mto", 0.75, "simmim").plan(images, ctx_for(simmim, 0))
+    plan = build_strategy("mto", 0.75, "simmim").plan(noise_images, ctx_for(simmim, 0))
     assert plan.isolate_mask_tokens and plan.record_attention == (0, 1)  # first half of 4 encoder blocks
-    plan = build_strategy("mto", 0.75, "simmim", {"depth_schedule": "linear"}).plan(images, ctx_for(simmim, 0))
+    plan = build_strategy("mto", 0.75, "simmim", {"depth_schedule": "linear"}).plan(noise_images, ctx_for(simmim, 0))
     assert plan.record_attention == (0, 1, 2, 3)
-    plan = build_strategy("mto", 0.75, "simmim", {"recalibrate": False}).plan(images, ctx_for(simmim, 0))
+    plan = build_strategy("mto", 0.75, "simmim", {"recalibrate": False}).plan(noise_images, ctx_for(simmim, 0))
     assert not plan.isolate_mask_tokens
     off = {"lambda_spa": 0.0, "lambda_e": 0.0, "lambda_r": 0.0}
-    assert build_strategy("mto", 0.75, "simmim", off).plan(images, ctx_for(simmim, 0)).record_attention == ()
+    assert build_strategy("mto", 0.75, "simmim", off).plan(noise_images, ctx_for(simmim, 0)).record_attention == ()
     assert depth_weights(1, "first_half") == [1.0]
     assert depth_weights(3, "first_half") == [1.0, 1.0, 0.0]
     assert depth_weights(8, "first_half") == [1.0] * 4 + [0.0] * 4
@@ -73,13 +65,13 @@ def _perturb_hidden(images, mask, p=4):
 
 
 @torch.no_grad()
-def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(models, images, fresh_model):
+def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(models, noise_images, fresh_model):
     model = fresh_model("simmim")
-    mask = build_strategy("mto", 0.75, "simmim").plan(images, ctx_for(model, 0)).mask
+    mask = build_strategy("mto", 0.75, "simmim").plan(noise_images, ctx_for(model, 0)).mask
     vis = ~mask
-    other = _perturb_hidden(images, mask)
-    base_iso = model(images, mask, isolate_mask_tokens=True).pred
-    base_free = model(images, mask, isolate_mask_tokens=False).pred
+    other = _perturb_hidden(noise_images, mask)
+    base_iso = model(noise_images, mask, isolate_mask_tokens=True).pred
+    base_free = model(noise_images, mask, isolate_mask_tokens=False).pred
     # hidden content never reaches a SimMIM encoder (its embeddings are replaced), isolated or not
     assert torch.allclose(model(other, mask, isolate_mask_tokens=True).pred[vis], base_iso[vis], atol=1e-5)
     saved = model.mask_token.data.clone()
@@ -95,18 +87,18 @@ def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(model
 
 
 @torch.no_grad()
-def test_mae_isolation_in_decoder(models, images, fresh_model):
+def test_mae_isolation_in_decoder(models, noise_images, fresh_model):
     model = fresh_model("mae")
-    mask = build_strategy("mto", 0.75, "mae").plan(images, ctx_for(model, 1)).mask
+    mask = build_strategy("mto", 0.75, "mae").plan(noise_images, ctx_for(model, 1)).mask
     vis = ~mask
-    base_iso = model(images, mask, isolate_mask_tokens=True).pred
-    base_free = model(images, mask, isolate_mask_tokens=False).pred
-    assert torch.allclose(model(_perturb_hidden(images, mask), mask, True).pred[vis], base_iso[vis], atol=1e-5)
+    base_iso = model(noise_images, mask, isolate_mask_tokens=True).pred
+    base_free = model(noise_images, mask, isolate_mask_tokens=False).pred
+    assert torch.allclose(model(_perturb_hidden(noise_images, mask), mask, True).pred[vis], base_iso[vis], atol=1e-5)
     saved = model.mask_token.data.clone()
     try:
         model.mask_token.data += torch.randn(saved.shape, generator=torch.Generator().manual_seed(3))
-        iso = model(images, mask, isolate_mask_tokens=True).pred
-        free = model(images, mask, isolate_mask_tokens=False).pred
+        iso = model(noise_images, mask, isolate_mask_tokens=True).pred
+        free = model(noise_images, mask, isolate_mask_tokens=False).pred
     finally:
         model.mask_token.data.copy_(saved)
     assert torch.allclose(iso[vis], base_iso[vis], atol=1e-5)
@@ -186,15 +178,15 @@ def test_terms_pool_over_samples_and_finite_gradient():
 
 
 @pytest.mark.parametrize("method,schedule", [("mae", "first_half"), ("simmim", "first_half"), ("simmim", "linear")])
-def test_losses_wiring(models, images, method, schedule):
+def test_losses_wiring(models, noise_images, method, schedule):
     model = models[method]
     strat = build_strategy(
         "mto", 0.75, method, {"depth_schedule": schedule, "lambda_spa": 0.3, "lambda_e": 0.2, "lambda_r": 0.5}
     )
     with torch.no_grad():
-        plan = strat.plan(images, ctx_for(model, 2))
-        out = model(images, plan.mask, plan.isolate_mask_tokens, plan.record_attention)
-        terms = strat.losses(model, out, plan, images)
+        plan = strat.plan(noise_images, ctx_for(model, 2))
+        out = model(noise_images, plan.mask, plan.isolate_mask_tokens, plan.record_attention)
+        terms = strat.losses(model, out, plan, noise_images)
     assert set(terms) == {"recon", "mto_spa", "mto_e", "mto_r"}
     assert set(out.attention) == set(plan.record_attention)
     weights = depth_weights(len(model.decoder_blocks if method == "mae" else model.blocks), schedule)
@@ -210,16 +202,16 @@ def test_losses_wiring(models, images, method, schedule):
     assert terms["mto_spa"].item() == pytest.approx(0.3 * want[0].item(), rel=1e-5)
     assert terms["mto_e"].item() == pytest.approx(0.2 * want[1].item(), rel=1e-5)
     assert terms["mto_r"].item() == pytest.approx(0.5 * want[2].item(), rel=1e-5)
-    assert terms["recon"].item() == pytest.approx(model.reconstruction_loss(out.pred, images, plan.mask).item())
+    assert terms["recon"].item() == pytest.approx(model.reconstruction_loss(out.pred, noise_images, plan.mask).item())
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
 @pytest.mark.parametrize("recalibrate", [True, False])
-def test_step_finite_and_backward(method, recalibrate, images, fresh_model):
+def test_step_finite_and_backward(method, recalibrate, noise_images, fresh_model):
     model = fresh_model(method)
     model.train()
     strat = build_strategy("mto", 0.75, method, {"recalibrate": recalibrate})
-    loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 0), images, None)
+    loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 0), noise_images, None)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
     assert terms["mto_e"] > 0 and terms["mto_spa"] > 0
     loss.backward()
@@ -229,16 +221,16 @@ def test_step_finite_and_backward(method, recalibrate, images, fresh_model):
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
-def test_zero_lambdas_give_plain_recon(models, images, method):
+def test_zero_lambdas_give_plain_recon(models, noise_images, method):
     model = models[method]
     strat = build_strategy("mto", 0.75, method, {"lambda_spa": 0.0, "lambda_e": 0.0, "lambda_r": 0.0})
     with torch.no_grad():
-        loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 4), images, None)
-        out = model(images, plan.mask, isolate_mask_tokens=True)
+        loss, terms, plan, _ = forward_losses(model, strat, ctx_for(model, 4), noise_images, None)
+        out = model(noise_images, plan.mask, isolate_mask_tokens=True)
     assert plan.record_attention == ()
     assert loss.item() == terms["recon"].item()
     assert terms["mto_spa"] == 0 and terms["mto_e"] == 0 and terms["mto_r"] == 0
-    assert loss.item() == pytest.approx(model.reconstruction_loss(out.pred, images, plan.mask).item(), abs=1e-6)
+    assert loss.item() == pytest.approx(model.reconstruction_loss(out.pred, noise_images, plan.mask).item(), abs=1e-6)
 
 
 @pytest.mark.parametrize(

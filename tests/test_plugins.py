@@ -90,6 +90,29 @@ def test_installed_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_broken_entry_point_is_named_and_the_others_still_load(tmp_path):
+    """One installed package whose entry point fails to import must not take the other strategies down."""
+    pkg = tmp_path / "site"
+    (pkg / "broken_masking_pkg").mkdir(parents=True)
+    (pkg / "broken_masking_pkg" / "__init__.py").write_text("raise ImportError('a missing dependency')\n")
+    dist = pkg / "broken_masking_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-masking-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[masking_bench.strategies]\nbroken = broken_masking_pkg:Broken\n")
+    code = "from masking_bench.masking import available; print(' '.join(available()))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(pkg)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert {"random", "block", "sbam", "mto", "misalign"} <= set(proc.stdout.split())
+    warning = [line for line in proc.stderr.splitlines() if "entry point 'broken'" in line]
+    assert len(warning) == 1 and "a missing dependency" in warning[0] and "skipped" in warning[0]
+
+
 def test_plugin_by_path_in_a_suite_run(tmp_path):
     """`run --plugin FILE` and the suite field `plugins` both reach the trainer."""
     name = f"suite_{uuid.uuid4().hex[:8]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from masking_bench.config import expand, parse_suite
 from masking_bench.errors import BenchError
-from masking_bench.report import COLUMNS, PLOTS, legacy_columns, write_report
+from masking_bench.report import COLUMNS, PLOTS, build_tables, collect, legacy_columns, write_report
 from masking_bench.store import RunRecord, write_json
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "report_columns.md"
@@ -69,6 +70,7 @@ def write_records(results: Path, suite=None, protocols=("probe", "knn"), curves=
             "wall_seconds": 10.0 + spec.seed,
             "eval_seconds": 2.0,
             "train_seconds": 8.0 + spec.seed if pre else 0.0,
+            "code": {"parts": rec.code},  # made by the current code: not stale, so it can be archived
         }
         for p in protocols:
             summary[f"{p}_top1"] = _acc(p, spec.label, spec.ratio or 0.0, spec.seed, 1.0)
@@ -277,3 +279,41 @@ def test_archived_records_give_the_same_report(tmp_path):
     write_report(tmp_path, out_dir=tmp_path / "archived")
     live, archived = _files(tmp_path / "live"), _files(tmp_path / "archived")
     assert live == archived and "leaderboards/convergence.csv" in live
+
+
+def test_floor_row_comes_from_the_floor_table(report):
+    results, out, path, _ = report
+    tables = build_tables(collect(results, "fx"))
+    floor = tables.floor_by_setting
+    assert list(floor["protocol"]) == ["probe", "knn"] and (floor["seeds"] == 3).all()
+    probe = floor[floor["protocol"] == "probe"].iloc[0]
+    assert probe["top1_mean"] == pytest.approx(40.3)  # random_init: 40 + 0.3 * seed over seeds 0, 1, 2
+    row = next(line for line in path.read_text().splitlines() if line.startswith("| random_init |"))
+    assert f"| {probe['top1_mean']:.2f} [{probe['top1_ci_low']:.2f}, {probe['top1_ci_high']:.2f}] |" in row
+    accuracy = pd.read_csv(out / "leaderboards" / "accuracy.csv")
+    in_csv = accuracy[(accuracy.strategy == "random_init") & (accuracy.protocol == "probe")].iloc[0]
+    assert in_csv["top1_mean"] == pytest.approx(probe["top1_mean"])
+
+
+def test_stale_runs_are_marked(tmp_path):
+    write_records(tmp_path, _suite(name="s", ratios=[0.6, 0.8], seeds=[0, 1], strategies=["random", "block"]))
+    for summary in (tmp_path / "runs" / "s").glob("*/summary.json"):
+        data = json.loads(summary.read_text())
+        if data["strategy"] == "block":
+            del data["code"]  # as a run recorded before code fingerprints
+            write_json(summary, data)
+    text = write_report(tmp_path).read_text()
+    assert "`block`: recorded before code fingerprints" in text
+    assert "| block [STALE] |" in text and "| random |" in text
+
+
+def test_leftovers_and_skipped_plots_are_removed(tmp_path):
+    write_records(
+        tmp_path, _suite(name="one", ratios=[0.75], seeds=[0], strategies=["block"]), protocols=("probe",), curves=False
+    )
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "pimr.png").write_bytes(PNG_SIGNATURE)  # from an earlier report with two ratios
+    leftover = tmp_path / ".report.md.abc123.tmp"  # an interrupted write of that report
+    leftover.write_text("half")
+    write_report(tmp_path)
+    assert not leftover.exists() and not (tmp_path / "plots" / "pimr.png").exists()

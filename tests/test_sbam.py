@@ -1,14 +1,16 @@
-"""SBM / SBAM+AMR (strategies/sbam.py, spec §5, §6): counts, reference match, salience, warm-up, AMR, ragged MAE."""
+"""SBM / SBAM+AMR (strategies/sbam.py; docs/strategies.md §5, §6): counts, reference match, salience, warm-up,
+AMR, ragged MAE."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import blank_images, ctx_for
 
 from masking_bench.data import make_synthetic
 from masking_bench.errors import BenchError
-from masking_bench.masking import PlanContext, build_strategy
+from masking_bench.masking import build_strategy
 from masking_bench.models import build_model
 from masking_bench.strategies.sbam import SalienceAdaptiveRatio, SalienceMasking
 
@@ -21,17 +23,6 @@ def model():
     return build_model("cpu-tiny", "mae", 28, 1)
 
 
-@pytest.fixture(scope="module")
-def images():
-    ds = make_synthetic(n_train=16, n_test=8, seed=1)
-    x = ds.train.images.float() / 255.0
-    return (x - ds.mean[0]) / ds.std[0]
-
-
-def ctx_for(model, seed: int, epoch: int = 0) -> PlanContext:
-    return PlanContext(model, model.grid, torch.Generator().manual_seed(seed), epoch=epoch)
-
-
 def with_fixed_salience(cls, salience: torch.Tensor):
     """A subclass of ``cls`` whose salience is the given (N, L) tensor (to craft AMR cases)."""
 
@@ -42,7 +33,7 @@ def with_fixed_salience(cls, salience: torch.Tensor):
     return Fixed
 
 
-# ---------------------------------------------------------------- independent reference (spec §5.2, §6.1)
+# ------------------------------------------------- independent reference (docs/strategies.md §5.1, §6.1)
 
 
 def reference_saliency_guided_masking(x, base, var, delta, gen, scaled=False):
@@ -79,37 +70,37 @@ def reference_embeddings(model, images):
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.6, 0.75, 0.9])
-def test_sbam_hides_exact_count(model, images, ratio):
-    plan = build_strategy("sbam", ratio).plan(images, ctx_for(model, 3))
-    assert plan.mask.dtype == torch.bool and plan.mask.shape == (images.shape[0], L)
+def test_sbam_hides_exact_count(model, synthetic_images, ratio):
+    plan = build_strategy("sbam", ratio).plan(synthetic_images, ctx_for(model, 3))
+    assert plan.mask.dtype == torch.bool and plan.mask.shape == (synthetic_images.shape[0], L)
     assert (plan.mask.sum(dim=1) == L - int(L * (1 - ratio))).all()
     assert plan.diagnostics["base_ratio"] == ratio
 
 
 @pytest.mark.parametrize("ratio,scaled", [(0.75, False), (0.6, False), (0.9, False), (0.75, True)])
-def test_sbam_matches_reference(model, images, ratio, scaled):
+def test_sbam_matches_reference(model, synthetic_images, ratio, scaled):
     for seed in (0, 1, 2):
-        plan = build_strategy("sbam", ratio, params={"scaled": scaled}).plan(images, ctx_for(model, seed))
+        plan = build_strategy("sbam", ratio, params={"scaled": scaled}).plan(synthetic_images, ctx_for(model, seed))
         ref_mask, ref_sal = reference_saliency_guided_masking(
-            reference_embeddings(model, images), ratio, 0.0, 0.5, torch.Generator().manual_seed(seed), scaled
+            reference_embeddings(model, synthetic_images), ratio, 0.0, 0.5, torch.Generator().manual_seed(seed), scaled
         )
         assert torch.equal(plan.mask, ref_mask)
         assert torch.equal(plan.diagnostics["salience"], ref_sal)
 
 
-def test_sbam_amr_batch_matches_reference(model, images):
+def test_sbam_amr_batch_matches_reference(model, synthetic_images):
     for seed, (var, delta) in enumerate([(0.1, 0.5), (0.1, 0.05), (0.15, 0.2)]):
         strat = build_strategy("sbam_amr", 0.75, params={"delta_ratio": var, "threshold": delta})
-        plan = strat.plan(images, ctx_for(model, seed))
+        plan = strat.plan(synthetic_images, ctx_for(model, seed))
         ref_mask, _ = reference_saliency_guided_masking(
-            reference_embeddings(model, images), 0.75, var, delta, torch.Generator().manual_seed(seed)
+            reference_embeddings(model, synthetic_images), 0.75, var, delta, torch.Generator().manual_seed(seed)
         )
         assert torch.equal(plan.mask, ref_mask)
 
 
-def test_noise_zero_hides_top_salience(model, images):
+def test_noise_zero_hides_top_salience(model, synthetic_images):
     for ratio in (0.5, 0.75):
-        plan = build_strategy("sbam", ratio, params={"noise_scale": 0.0}).plan(images, ctx_for(model, 0))
+        plan = build_strategy("sbam", ratio, params={"noise_scale": 0.0}).plan(synthetic_images, ctx_for(model, 0))
         sal, mask = plan.diagnostics["salience"], plan.mask
         assert (mask.sum(dim=1) == L - int(L * (1 - ratio))).all()
         lowest_hidden = sal.masked_fill(~mask, float("inf")).min(dim=1).values
@@ -117,14 +108,14 @@ def test_noise_zero_hides_top_salience(model, images):
         assert (lowest_hidden >= highest_kept).all()  # hidden = a top-(L-K) set (ties allowed)
 
 
-def test_most_salient_token_always_hidden(model, images):
+def test_most_salient_token_always_hidden(model, synthetic_images):
     # natural salience: a token with ŝ = 1 scores >= 1; only tokens with ŝ > 0.5 can outscore it
     hidden_count = L - int(L * 0.25)
     checked = 0
     for seed in range(5):
-        plan = build_strategy("sbam", 0.75).plan(images, ctx_for(model, seed))
+        plan = build_strategy("sbam", 0.75).plan(synthetic_images, ctx_for(model, seed))
         sal, mask = plan.diagnostics["salience"], plan.mask
-        for n in range(images.shape[0]):
+        for n in range(synthetic_images.shape[0]):
             if int((sal[n] > 0.5).sum()) <= hidden_count:
                 checked += 1
                 assert mask[n][sal[n] >= 1 - 1e-5].all()
@@ -136,66 +127,68 @@ def test_most_salient_token_always_hidden(model, images):
     sal[torch.arange(8), top] = 1.0
     strat = with_fixed_salience(SalienceMasking, sal)(0.02)  # hides L - int(49 * 0.98) = 1 token
     for seed in range(20):
-        mask = strat.plan(torch.zeros(8, 1, 28, 28), ctx_for(model, seed)).mask
+        mask = strat.plan(blank_images(8), ctx_for(model, seed)).mask
         assert (mask.sum(dim=1) == 1).all() and mask[torch.arange(8), top].all()
 
 
 @pytest.mark.parametrize("source", ["embeddings", "attention"])
-def test_salience_normalised(model, images, source):
+def test_salience_normalised(model, synthetic_images, source):
     sal = (
         build_strategy("sbam", 0.75, params={"salience_source": source})
-        .plan(images, ctx_for(model, 0))
+        .plan(synthetic_images, ctx_for(model, 0))
         .diagnostics["salience"]
     )
-    assert sal.shape == (images.shape[0], L) and sal.dtype == torch.float32
+    assert sal.shape == (synthetic_images.shape[0], L) and sal.dtype == torch.float32
     assert (sal >= 0).all() and (sal <= 1).all()
-    assert torch.allclose(sal.min(dim=1).values, torch.zeros(images.shape[0]), atol=1e-6)
-    assert torch.allclose(sal.max(dim=1).values, torch.ones(images.shape[0]), atol=1e-5)
+    assert torch.allclose(sal.min(dim=1).values, torch.zeros(synthetic_images.shape[0]), atol=1e-6)
+    assert torch.allclose(sal.max(dim=1).values, torch.ones(synthetic_images.shape[0]), atol=1e-5)
 
 
-def test_attention_source_is_first_block_attention_with_cls(images):
+def test_attention_source_is_first_block_attention_with_cls(synthetic_images):
     """Variant (a): equals the column sums (cls query included, cls key dropped) of block 0's
     head-averaged attention as the model itself records it on an unmasked all-token pass."""
     torch.manual_seed(0)
     simmim = build_model("cpu-tiny", "simmim", 28, 1)
     strat = build_strategy("sbam", 0.75, method="simmim", params={"salience_source": "attention"})
-    sal = strat.plan(images, ctx_for(simmim, 0)).diagnostics["salience"]
+    sal = strat.plan(synthetic_images, ctx_for(simmim, 0)).diagnostics["salience"]
     with torch.no_grad():
-        out = simmim(images, torch.zeros(images.shape[0], L, dtype=torch.bool), record_attention=(0,))
+        out = simmim(
+            synthetic_images, torch.zeros(synthetic_images.shape[0], L, dtype=torch.bool), record_attention=(0,)
+        )
     received = out.attention[0].mean(dim=1).sum(dim=1)[:, 1:]
     lo, hi = received.min(dim=1, keepdim=True).values, received.max(dim=1, keepdim=True).values
     assert torch.allclose(sal, (received - lo) / (hi - lo + 1e-6), atol=1e-5)
 
 
-def test_plan_ignores_autocast(model, images):
-    plain = build_strategy("sbam", 0.75).plan(images, ctx_for(model, 4))
+def test_plan_ignores_autocast(model, synthetic_images):
+    plain = build_strategy("sbam", 0.75).plan(synthetic_images, ctx_for(model, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        amp = build_strategy("sbam", 0.75).plan(images, ctx_for(model, 4))
+        amp = build_strategy("sbam", 0.75).plan(synthetic_images, ctx_for(model, 4))
     assert torch.equal(plain.mask, amp.mask)
     assert torch.equal(plain.diagnostics["salience"], amp.diagnostics["salience"])
 
 
 @pytest.mark.parametrize("name", ["sbam", "sbam_amr"])
-def test_warmup_is_random_masking(model, images, name):
+def test_warmup_is_random_masking(model, synthetic_images, name):
     strat = build_strategy(name, 0.75, params={"warmup_epochs": 2})
     random = build_strategy("random", 0.75)
     for epoch in (0, 1):
-        plan = strat.plan(images, ctx_for(model, 7, epoch))
-        assert torch.equal(plan.mask, random.plan(images, ctx_for(model, 7, epoch)).mask)
+        plan = strat.plan(synthetic_images, ctx_for(model, 7, epoch))
+        assert torch.equal(plan.mask, random.plan(synthetic_images, ctx_for(model, 7, epoch)).mask)
         assert plan.diagnostics["warmup"] is True and "salience" not in plan.diagnostics
-    after = strat.plan(images, ctx_for(model, 7, 2))
-    plain = build_strategy(name, 0.75).plan(images, ctx_for(model, 7, 2))
+    after = strat.plan(synthetic_images, ctx_for(model, 7, 2))
+    plain = build_strategy(name, 0.75).plan(synthetic_images, ctx_for(model, 7, 2))
     assert torch.equal(after.mask, plain.mask)
-    assert not torch.equal(after.mask, random.plan(images, ctx_for(model, 7, 2)).mask)
+    assert not torch.equal(after.mask, random.plan(synthetic_images, ctx_for(model, 7, 2)).mask)
 
 
 # ------------------------------------------------------------------------------------------- AMR
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.05])
-def test_amr_batch_one_count_from_formula(model, images, threshold):
+def test_amr_batch_one_count_from_formula(model, synthetic_images, threshold):
     r0, delta = 0.75, 0.1
-    plan = build_strategy("sbam_amr", r0, params={"threshold": threshold}).plan(images, ctx_for(model, 5))
+    plan = build_strategy("sbam_amr", r0, params={"threshold": threshold}).plan(synthetic_images, ctx_for(model, 5))
     sal = plan.diagnostics["salience"]
     counts = plan.mask.sum(dim=1)
     assert (counts == counts[0]).all()
@@ -204,7 +197,7 @@ def test_amr_batch_one_count_from_formula(model, images, threshold):
     assert int(counts[0]) == L - int(L * (1 - ratio32))
     exact = r0 - delta + 2 * delta * y.double().mean().item() / L
     assert abs(int(counts[0]) - (L - int(L * (1 - exact)))) <= 1  # float32 truncation boundary at most
-    assert torch.allclose(plan.diagnostics["ratio"], torch.full((images.shape[0],), float(ratio32)))
+    assert torch.allclose(plan.diagnostics["ratio"], torch.full((synthetic_images.shape[0],), float(ratio32)))
     assert plan.diagnostics["base_ratio"] == r0
 
 
@@ -219,12 +212,12 @@ def crafted_salience(n_random: int = 1) -> torch.Tensor:
     return torch.cat([one[None], spread[None], most[None], rand])
 
 
-def test_amr_sample_per_sample_counts(model, images):
+def test_amr_sample_per_sample_counts(model, synthetic_images):
     r0, delta, thr = 0.75, 0.1, 0.5
-    plan = build_strategy("sbam_amr", r0, params={"mode": "sample"}).plan(images, ctx_for(model, 6))
+    plan = build_strategy("sbam_amr", r0, params={"mode": "sample"}).plan(synthetic_images, ctx_for(model, 6))
     sal = plan.diagnostics["salience"]
     y = (sal > thr).sum(dim=1)
-    for n in range(images.shape[0]):
+    for n in range(synthetic_images.shape[0]):
         r_n = r0 - delta + 2 * delta * int(y[n]) / L
         assert int(plan.mask[n].sum()) == L - int(L * (1 - r_n))
     ratio = plan.diagnostics["ratio"]
@@ -232,32 +225,31 @@ def test_amr_sample_per_sample_counts(model, images):
     # crafted salience: y = 1, 24, 48 -> r = 0.654, 0.748, 0.846 -> hidden 33, 37, 42
     sal = crafted_salience()
     strat = with_fixed_salience(SalienceAdaptiveRatio, sal)(r0, mode="sample")
-    plan = strat.plan(torch.zeros(4, 1, 28, 28), ctx_for(model, 0))
+    plan = strat.plan(blank_images(4), ctx_for(model, 0))
     y = (sal > thr).sum(dim=1)
     expected = [L - int(L * (1 - (r0 - delta + 2 * delta * int(k) / L))) for k in y]
     assert expected[:3] == [33, 37, 42]
     assert plan.mask.sum(dim=1).tolist() == expected
     assert torch.allclose(plan.diagnostics["ratio"], r0 - delta + 2 * delta * y.float() / L)
     # batch mode on the same salience: one shared count from the mean fraction
-    batch = with_fixed_salience(SalienceAdaptiveRatio, sal)(r0).plan(torch.zeros(4, 1, 28, 28), ctx_for(model, 0))
+    batch = with_fixed_salience(SalienceAdaptiveRatio, sal)(r0).plan(blank_images(4), ctx_for(model, 0))
     shared = L - int(L * (1 - (r0 - delta + 2 * delta * y.float().mean() / L)))
     assert batch.mask.sum(dim=1).tolist() == [shared] * 4
 
 
 def test_amr_ratio_clamped():
     sal = crafted_salience()
-    model = None  # salience is fixed; only the generator is used
-    gen = PlanContext(model, (7, 7), torch.Generator().manual_seed(0))
+    gen = ctx_for((7, 7))  # no model: the salience is fixed; only the generator is used
     high = with_fixed_salience(SalienceAdaptiveRatio, sal)(0.95, delta_ratio=0.5, mode="sample")
-    mask = high.plan(torch.zeros(4, 1, 28, 28), gen).mask
+    mask = high.plan(blank_images(4), gen).mask
     assert (mask.sum(dim=1) <= L - 1).all() and (mask.sum(dim=1) == L - 1).any()  # K >= 1
     low = with_fixed_salience(SalienceAdaptiveRatio, sal)(0.05, delta_ratio=0.5, mode="sample")
-    plan = low.plan(torch.zeros(4, 1, 28, 28), gen)
+    plan = low.plan(blank_images(4), gen)
     assert (plan.diagnostics["ratio"] >= 0).all() and (plan.mask.sum(dim=1) == 0).any()
 
 
-def test_ragged_mae_forward_backward_no_leak(model, images):
-    x = images[:4].clone()
+def test_ragged_mae_forward_backward_no_leak(model, synthetic_images):
+    x = synthetic_images[:4].clone()
     strat = with_fixed_salience(SalienceAdaptiveRatio, crafted_salience())(0.75, mode="sample")
     plan = strat.plan(x, ctx_for(model, 0))
     mask = plan.mask
@@ -288,10 +280,10 @@ def test_ragged_mae_forward_backward_no_leak(model, images):
     assert not torch.allclose(before[n], changed[n], atol=1e-3)
 
 
-def test_ragged_batch_gives_each_image_the_loss_it_has_alone(model, images):
+def test_ragged_batch_gives_each_image_the_loss_it_has_alone(model, synthetic_images):
     """Padding to the batch's largest visible set changes nothing: every image of a ragged AMR batch
     gets the predictions, hence the per-sample loss, it gets when run alone with its own mask."""
-    x = images[:4].clone()
+    x = synthetic_images[:4].clone()
     strat = with_fixed_salience(SalienceAdaptiveRatio, crafted_salience())(0.75, mode="sample")
     mask = strat.plan(x, ctx_for(model, 0)).mask
     assert len(set(mask.sum(dim=1).tolist())) >= 3  # ragged: 33, 37, 42 hidden

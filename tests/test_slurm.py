@@ -1,4 +1,4 @@
-"""Integration with a real SLURM cluster (issue 5), e.g. the local one of scripts/slurm-local-up.sh.
+"""Integration with a real SLURM cluster, e.g. the local one of scripts/slurm-local-up.sh.
 
 Skipped when there is no usable cluster, unless MASKING_BENCH_REQUIRE_SLURM=1 (CI, after
 `bash scripts/slurm-local-up.sh up`): then a missing cluster is a failure. Run with `pytest -m slurm`.
@@ -174,7 +174,10 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
     _timing("3-run suite (2 arrays) submit -> all records final", time.perf_counter() - t0)
     assert code == 1, err
     assert "launcher: slurm" in err and "done 2, already finished 0, failed 1" in err
-    assert "failed: flaky_slurm r=0.75 seed=0: RuntimeError: planned failure: inside the SLURM job [job " in err
+    assert (
+        "failed: flaky_slurm r=0.75 seed=0: strategy 'flaky_slurm' (ratio 0.75) failed in plan(): "
+        "RuntimeError: planned failure: inside the SLURM job [job " in err
+    )
 
     specs = expand(parse_suite(raw))
     assert len(specs) == 3
@@ -194,7 +197,7 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
     def status_lines() -> dict[str, str]:
         assert cli.main(["status", str(suite), "--results", str(results)]) == 0
         out = capsys.readouterr().out
-        assert "3 runs - 2 done, 0 running, 0 pending, 1 failed" in out
+        assert "3 runs - 2 done, 0 stale, 0 running, 0 pending, 1 failed" in out
         # a run's line starts with its hash (a bare job id such as "3" also occurs in the header)
         lines = {name: next(x for x in out.splitlines() if x.startswith(hashes[name])) for name in ids}
         assert all(f" {ids[name]} " in line for name, line in lines.items()), lines

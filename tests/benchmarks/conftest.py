@@ -1,4 +1,4 @@
-"""Fixtures of the performance benchmarks (issue 6) and the summary table printed at the end.
+"""Fixtures of the performance benchmarks (docs/performance.md) and the summary table printed at the end.
 
 Run with ``pytest tests/benchmarks --benchmark-only`` (plain ``pytest`` skips them: the project's
 addopts hold ``--benchmark-skip``, which ``--benchmark-only`` overrides). Every figure is a ratio of
@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from masking_bench import bench
+from masking_bench import bench, bench_table
 
 RESULTS: dict = {}
 
@@ -50,7 +50,7 @@ def record(benchmark):
 
     def _record(figure: str, result: dict) -> dict:
         RESULTS[figure] = result
-        benchmark.extra_info.update(bench.scalars(result))
+        benchmark.extra_info.update(bench_table.scalars(result))
         return result
 
     return _record
@@ -66,7 +66,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for suite in ("suites/smoke.yaml", "suites/ratio_sweep.yaml"):
             path = config.rootpath / suite
             if path.is_file():
-                RESULTS.setdefault("suites", {})[suite] = bench.project_suite(path, RESULTS)
-    terminalreporter.write_sep("=", "masking_bench performance (issue 6): ratios measured side by side")
-    terminalreporter.write_line(bench.format_table(RESULTS))
+                RESULTS.setdefault("suites", {})[suite] = bench_table.project_suite(path, RESULTS)
+    terminalreporter.write_sep("=", "masking_bench performance: ratios measured side by side")
+    terminalreporter.write_line(bench_table.format_table(RESULTS))
     terminalreporter.write_line("targets are reported, not asserted; see docs/performance.md for what the figures mean")

@@ -1,4 +1,4 @@
-"""Figure 4 of issue 6: augmented loader batches/s against the model's consumption (target >= 20x)."""
+"""Figure 4 of docs/performance.md: augmented loader batches/s against the model's consumption (target >= 20x)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Figure 5 of issue 6: feature-extraction throughput of the frozen-encoder evaluation (no target)."""
+"""Figure 5 of docs/performance.md: feature-extraction throughput of the frozen-encoder evaluation (no target)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Figure 3 of issue 6: each strategy's mask planning as a share of its own training step (target <= 3%)."""
+"""Figure 3 of docs/performance.md: each strategy's mask planning as a share of its own training step (target <= 3%)."""
 
 from __future__ import annotations
 
 import pytest
 
-from masking_bench import bench
+from masking_bench import bench, bench_table
 
 from .conftest import RESULTS
 
@@ -21,6 +21,6 @@ def test_plan_share(benchmark, setup, bf16, label):
     merged = RESULTS.setdefault("plan", {"rounds": one["rounds"], "strategies": {}})
     merged["strategies"].update(one["strategies"])
     merged["max_share"] = max(v["share"] for v in merged["strategies"].values())
-    benchmark.extra_info.update(bench.scalars(one["strategies"][label]))
+    benchmark.extra_info.update(bench_table.scalars(one["strategies"][label]))
     step = bench.ProductStep(setup, strategy=bench.PLAN_STRATEGIES[label][0], params=bench.PLAN_STRATEGIES[label][1])
     benchmark.pedantic(step.plan, rounds=20, warmup_rounds=2)
