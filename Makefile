@@ -29,7 +29,7 @@ run: setup data
 test: setup data
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: setup data
 	$(PY) -m pytest tests/benchmarks --benchmark-only

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import math
 import pkgutil
 import sys
 from dataclasses import dataclass, field
@@ -215,6 +216,26 @@ class MaskingStrategy:
 
 
 # ------------------------------------------------------------------------------ shared helpers
+
+
+def param_error(strategy: str, key: str, value: Any, accepted: str) -> BenchError:
+    """The one-line error for a strategy parameter outside what the strategy accepts."""
+    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (YAML ``true`` must not pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def is_int(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def num_hidden(num_tokens: int, ratio: float) -> int:

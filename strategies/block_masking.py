@@ -7,33 +7,23 @@ from typing import Any
 
 import torch
 
-from masking_bench.errors import BenchError
-from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_lowest_first, num_hidden, register
-
-
-def _reject(strategy: str, key: str, value: Any, accepted: str) -> BenchError:
-    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
-
-
-def _is_int(value: Any) -> bool:
-    """An int, not a bool (YAML ``true`` must not pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int beyond float range
-        return False
+from masking_bench.masking import (
+    MaskingStrategy,
+    MaskPlan,
+    PlanContext,
+    hide_lowest_first,
+    is_int,
+    is_number,
+    num_hidden,
+    param_error,
+    register,
+)
 
 
 def _check_switch(strategy: str, key: str, value: Any) -> None:
     """``auto``, true or false (a number or other text is refused, not read as truthy)."""
     if not (isinstance(value, bool) or value == "auto" and isinstance(value, str)):
-        raise _reject(strategy, key, value, "expected auto, true or false")
+        raise param_error(strategy, key, value, "expected auto, true or false")
 
 
 def block_bounds(
@@ -81,16 +71,18 @@ class BlockMasking(MaskingStrategy):
         super().__init__(ratio, method=method, **params)
         for key in ("min_block", "max_block"):
             value = getattr(self, key)
-            if value is not None and not (_is_int(value) and value >= 1):
-                raise _reject(self.name, key, value, "expected null (the default) or an integer >= 1")
+            if value is not None and not (is_int(value) and value >= 1):
+                raise param_error(self.name, key, value, "expected null (the default) or an integer >= 1")
         if self.min_block is not None and self.max_block is not None and self.min_block > self.max_block:
-            raise _reject(self.name, "min_block", self.min_block, f"expected min_block <= max_block={self.max_block}")
-        if not _is_number(self.aspect_min):
-            raise _reject(self.name, "aspect_min", self.aspect_min, "expected a number in (0, 1]")
+            raise param_error(
+                self.name, "min_block", self.min_block, f"expected min_block <= max_block={self.max_block}"
+            )
+        if not is_number(self.aspect_min):
+            raise param_error(self.name, "aspect_min", self.aspect_min, "expected a number in (0, 1]")
         if not 0 < self.aspect_min <= 1:
-            raise _reject(self.name, "aspect_min", self.aspect_min, "expected a number in (0, 1]")
-        if not (_is_int(self.attempts) and self.attempts >= 1):
-            raise _reject(self.name, "attempts", self.attempts, "expected an integer >= 1")
+            raise param_error(self.name, "aspect_min", self.aspect_min, "expected a number in (0, 1]")
+        if not (is_int(self.attempts) and self.attempts >= 1):
+            raise param_error(self.name, "attempts", self.attempts, "expected an integer >= 1")
         _check_switch(self.name, "top_up", self.top_up)
 
     def plan(self, images, ctx: PlanContext) -> MaskPlan:
@@ -156,8 +148,8 @@ class CoarseRandomMasking(MaskingStrategy):
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         super().__init__(ratio, method=method, **params)
-        if not (_is_int(self.cell) and self.cell >= 1):
-            raise _reject(self.name, "cell", self.cell, "expected an integer >= 1 (cell side in tokens)")
+        if not (is_int(self.cell) and self.cell >= 1):
+            raise param_error(self.name, "cell", self.cell, "expected an integer >= 1 (cell side in tokens)")
         _check_switch(self.name, "exact_count", self.exact_count)
 
     def plan(self, images, ctx: PlanContext) -> MaskPlan:

@@ -10,32 +10,26 @@ and the deviations (an up-sampled view, the SimMIM variant): docs/strategies.md 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from masking_bench.errors import BenchError
-from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_lowest_first, num_hidden, register
+from masking_bench.masking import (
+    MaskingStrategy,
+    MaskPlan,
+    PlanContext,
+    hide_lowest_first,
+    is_number,
+    num_hidden,
+    param_error,
+    register,
+)
 from masking_bench.models import patchify, unpatchify
 
 INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")
 DEGRADATIONS = ("zoom_in",)
-
-
-def _reject(strategy: str, key: str, value: Any, accepted: str) -> BenchError:
-    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a bool (YAML ``true`` must not pass as 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int beyond float range
-        return False
 
 
 def big_size(size: int, scale: float) -> int:
@@ -114,16 +108,16 @@ class ZoomMisalignMasking(MaskingStrategy):
 
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         super().__init__(ratio, method, **params)
-        if not (_is_number(self.view_scale) and self.view_scale > 1):
-            raise _reject(self.name, "view_scale", self.view_scale, "expected a finite number > 1 (zoom-in)")
+        if not (is_number(self.view_scale) and self.view_scale > 1):
+            raise param_error(self.name, "view_scale", self.view_scale, "expected a finite number > 1 (zoom-in)")
         for key, accepted in (("interpolation", INTERPOLATIONS), ("degradation", DEGRADATIONS)):
             value = getattr(self, key)
             if not (isinstance(value, str) and value in accepted):
-                raise _reject(self.name, key, value, f"expected one of {', '.join(accepted)}")
+                raise param_error(self.name, key, value, f"expected one of {', '.join(accepted)}")
         for key in ("centre_weight", "border_weight"):
             value = getattr(self, key)
-            if not (_is_number(value) and value >= 0):
-                raise _reject(self.name, key, value, "expected a finite number >= 0 (loss weight)")
+            if not (is_number(value) and value >= 0):
+                raise param_error(self.name, key, value, "expected a finite number >= 0 (loss weight)")
         if self.centre_weight == 0 and self.border_weight == 0:
             raise BenchError(
                 f"strategy '{self.name}': parameters centre_weight=0 and border_weight=0 are not "

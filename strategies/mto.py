@@ -13,23 +13,18 @@ import math
 import torch
 
 from masking_bench.errors import BenchError
-from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_lowest_first, num_hidden, register
+from masking_bench.masking import (
+    MaskingStrategy,
+    MaskPlan,
+    PlanContext,
+    hide_lowest_first,
+    is_number,
+    num_hidden,
+    param_error,
+    register,
+)
 
 DEPTH_SCHEDULES = ("first_half", "linear")
-
-
-def _reject(strategy: str, key: str, value, accepted: str) -> BenchError:
-    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
-
-
-def _is_number(value) -> bool:
-    """A finite int or float, not a bool (YAML ``true`` must not pass as 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int beyond float range
-        return False
 
 
 def depth_weights(n_layers: int, schedule: str) -> list[float]:
@@ -119,16 +114,16 @@ class MaskedTokenOptimization(MaskingStrategy):
     def __init__(self, ratio: float, method: str = "mae", **params):
         super().__init__(ratio, method, **params)
         if not (isinstance(self.depth_schedule, str) and self.depth_schedule in DEPTH_SCHEDULES):
-            raise _reject(
+            raise param_error(
                 self.name, "depth_schedule", self.depth_schedule, f"expected one of {', '.join(DEPTH_SCHEDULES)}"
             )
         for key in ("lambda_spa", "lambda_e", "lambda_r"):
             value = getattr(self, key)
-            if not (_is_number(value) and value >= 0):
-                raise _reject(self.name, key, value, "expected a finite number >= 0 (loss weight)")
+            if not (is_number(value) and value >= 0):
+                raise param_error(self.name, key, value, "expected a finite number >= 0 (loss weight)")
         for key in ("recalibrate", "spa_include_cls"):
             if not isinstance(getattr(self, key), bool):
-                raise _reject(self.name, key, getattr(self, key), "expected true or false")
+                raise param_error(self.name, key, getattr(self, key), "expected true or false")
 
     @property
     def active(self) -> bool:

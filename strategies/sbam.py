@@ -17,25 +17,20 @@ from typing import Any
 import torch
 
 from masking_bench.errors import BenchError
-from masking_bench.masking import MaskingStrategy, MaskPlan, PlanContext, hide_lowest_first, num_hidden, register
+from masking_bench.masking import (
+    MaskingStrategy,
+    MaskPlan,
+    PlanContext,
+    hide_lowest_first,
+    is_number,
+    num_hidden,
+    param_error,
+    register,
+)
 
 SALIENCE_SOURCES = ("embeddings", "attention")
 AMR_MODES = ("batch", "sample")
 MINMAX_EPS = 1e-6
-
-
-def _reject(strategy: str, key: str, value: Any, accepted: str) -> BenchError:
-    return BenchError(f"strategy '{strategy}': parameter {key}={value!r} is not accepted: {accepted}")
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a bool (YAML ``true`` must not pass as 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:  # an int beyond float range
-        return False
 
 
 def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
@@ -118,16 +113,16 @@ class SalienceMasking(MaskingStrategy):
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         super().__init__(ratio, method=method, **params)
         if not (isinstance(self.salience_source, str) and self.salience_source in SALIENCE_SOURCES):
-            raise _reject(
+            raise param_error(
                 self.name, "salience_source", self.salience_source, f"expected one of {', '.join(SALIENCE_SOURCES)}"
             )
-        if not (_is_number(self.noise_scale) and self.noise_scale >= 0):
-            raise _reject(self.name, "noise_scale", self.noise_scale, "expected a finite number >= 0")
+        if not (is_number(self.noise_scale) and self.noise_scale >= 0):
+            raise param_error(self.name, "noise_scale", self.noise_scale, "expected a finite number >= 0")
         warm = self.warmup_epochs
-        if not (_is_number(warm) and int(warm) == warm and warm >= 0):  # 2.0 was and stays accepted
-            raise _reject(self.name, "warmup_epochs", warm, "expected an integer >= 0")
+        if not (is_number(warm) and int(warm) == warm and warm >= 0):  # 2.0 was and stays accepted
+            raise param_error(self.name, "warmup_epochs", warm, "expected an integer >= 0")
         if not isinstance(self.scaled, bool):
-            raise _reject(self.name, "scaled", self.scaled, "expected true or false")
+            raise param_error(self.name, "scaled", self.scaled, "expected true or false")
         if self.scaled and self.salience_source == "attention":
             raise BenchError(
                 f"strategy '{self.name}': scaled=True applies to salience_source='embeddings' only "
@@ -243,11 +238,11 @@ class SalienceAdaptiveRatio(SalienceMasking):
     def __init__(self, ratio: float, method: str = "mae", **params: Any):
         super().__init__(ratio, method=method, **params)
         if not (isinstance(self.mode, str) and self.mode in AMR_MODES):
-            raise _reject(self.name, "mode", self.mode, f"expected one of {', '.join(AMR_MODES)}")
+            raise param_error(self.name, "mode", self.mode, f"expected one of {', '.join(AMR_MODES)}")
         for key, what in (("delta_ratio", "the ratio swing"), ("threshold", "a min-max-normalised salience")):
             value = getattr(self, key)
-            if not (_is_number(value) and 0 <= value <= 1):
-                raise _reject(self.name, key, value, f"expected a number in [0, 1] ({what})")
+            if not (is_number(value) and 0 <= value <= 1):
+                raise param_error(self.name, key, value, f"expected a number in [0, 1] ({what})")
         self.delta_ratio = float(self.delta_ratio)
         self.threshold = float(self.threshold)
 

@@ -229,7 +229,8 @@ def test_debug_launcher_status_failure_and_retry(flaky, tmp_path, capsys):
                 assert rec.read_summary()["run_hash"] == spec.run_hash and rec.config_path.is_file()
             else:
                 assert st["state"] == "failed" and st["reason"] == (
-                    "strategy 'flaky_test' (ratio 0.75) failed in plan(): RuntimeError: planned failure: flag file present"
+                    "strategy 'flaky_test' (ratio 0.75) failed in plan(): "
+                    "RuntimeError: planned failure: flag file present"
                 )
                 assert "Traceback" in st["traceback"]
 
