@@ -23,10 +23,6 @@ Device-agnostic: everything takes a ``torch.device``; CUDA is synchronised aroun
 
 from __future__ import annotations
 
-import contextlib
-import os
-import platform
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +34,7 @@ from .data import Augment, Dataset, TensorLoader, load_dataset, make_synthetic
 from .errors import DataMissingError
 from .masking import build_strategy
 from .reference_mae import ReferenceStep
+from .timing import interleaved, machine_info, native_bf16
 from .train import TrainStep, make_model, make_optimizer, mask_seed, pick_device, training_flops_per_image
 
 # The strategies whose planning share is measured (label -> (registry name, params)).
@@ -61,109 +58,8 @@ COMPILE_VARIANTS: dict[str, dict] = {
     "bf16_compiled": {**FAST_STEP, "compile": True},
 }
 
-# The issue's targets (reported, never asserted).
+# Speed targets the project set itself (reported, never asserted; docs/performance.md).
 TARGETS = {"step_vs_reference": 1.25, "flops_fraction": 0.50, "plan_share": 0.03, "data_vs_model": 20.0}
-
-
-# ----------------------------------------------------------------------------------------- timing
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Timings:
-    """Per-call seconds of each contender, one value per round."""
-
-    seconds: dict[str, list[float]]
-
-    def median(self, name: str) -> float:
-        return statistics.median(self.seconds[name])
-
-    def ratio(self, slow: str, fast: str) -> float:
-        """median(slow) / median(fast): how many times faster ``fast`` is."""
-        return self.median(slow) / self.median(fast)
-
-    def spread(self, name: str) -> float:
-        """Half the inter-quartile range relative to the median (a noise indicator)."""
-        v = sorted(self.seconds[name])
-        if len(v) < 4:
-            return float("nan")
-        q1, q3 = statistics.quantiles(v, n=4)[0], statistics.quantiles(v, n=4)[2]
-        return (q3 - q1) / 2 / statistics.median(v)
-
-
-def interleaved(
-    contenders: dict[str, Callable[[], Any]],
-    device: torch.device,
-    rounds: int = 7,
-    inner: dict[str, int] | int = 1,
-    warmup: int = 1,
-) -> Timings:
-    """Time each contender ``rounds`` times, interleaved (A B C, C B A, A B C, ...).
-
-    Each timed round is a ``torch.utils.benchmark.Timer.timeit`` of ``inner`` calls (an int or per
-    contender; it synchronises CUDA around the calls), so every round records seconds per call and a
-    load that comes and goes hits every contender alike. ``warmup`` untimed rounds first (allocator,
-    autotuning, compile).
-    """
-    from torch.utils.benchmark import Timer
-
-    names = list(contenders)
-    reps = {n: inner if isinstance(inner, int) else inner.get(n, 1) for n in names}
-    timers = {n: Timer(stmt="fn()", globals={"fn": contenders[n]}, num_threads=torch.get_num_threads()) for n in names}
-    for _ in range(warmup):
-        for n in names:
-            for _ in range(reps[n]):
-                contenders[n]()
-    sync(device)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            out[n].append(timers[n].timeit(reps[n]).mean)
-    return Timings(out)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether this device runs bf16 natively (else only fp32 is measured: emulated bf16 is ~50x slower)."""
-    from .precision import hardware
-
-    return hardware(device.type).native_bf16
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on, including the load (they are ratios, the load still matters),
-    the CPU's ISA level and the precision ``train.amp: auto`` picks here."""
-    from .precision import hardware, resolve
-
-    hw = hardware(device.type)
-    info: dict[str, Any] = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "isa": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": hw.native_bf16,
-        "amp_auto": resolve("auto", device.type, hw),
-        "amp_auto_why": hw.why,
-    }
-    with contextlib.suppress(OSError, AttributeError):
-        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------ setup

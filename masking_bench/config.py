@@ -11,7 +11,6 @@ import copy
 import hashlib
 import itertools
 import json
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,7 +19,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -29,101 +27,10 @@ from pydantic import (
 )
 
 from .errors import BenchError
+from .values import DEVICE, SAFE_NAME, SAFE_NAME_RULE, Float, Int, PathText, Plain, Ratio, Seed, plain_data
 
 # 2: strategy parameters resolved (defaults merged in) and the precision used are part of the identity
 SCHEMA_VERSION = 2
-
-
-# ------------------------------------------------------------------------------ value types
-
-# A suite's name is a folder name (results/runs/<name>/, results/records/<name>/): one path component
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-SAFE_NAME_RULE = "1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
-# Seeds feed torch generators, which take values below 2**64. The largest derived seed is
-# train.mask_seed(seed, epoch, step) ≈ seed * 7.9e14 (+ epoch * 1e5 + step), so seed <= 23_293 fits;
-# 20_000 leaves room for any epoch/step count (tests/test_config.py checks it against mask_seed).
-MAX_SEED = 20_000
-DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-# free-form mappings (strategy params, model overrides, sbatch options, grid values) stay plain data
-_PLAIN_MAX_NODES = 10_000
-_PLAIN_MAX_DEPTH = 20
-
-
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not a boolean (true/false)")
-    return value
-
-
-def _seed(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise ValueError(f"a seed must be a whole number from 0 to {MAX_SEED}")
-    return value
-
-
-_RATIO_RULE = "a masking ratio must be a number strictly between 0 and 1 (0 hides nothing, 1 hides every token)"
-
-
-def _ratio_not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(_RATIO_RULE)
-    return value
-
-
-def _ratio(value: float) -> float:
-    if not 0.0 < value < 1.0:  # also false for NaN
-        raise ValueError(_RATIO_RULE)
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """``value`` if it is plain YAML data: str, int, finite float, bool, None, lists, mappings with string keys."""
-    count = 0
-
-    def check(node: Any, where: str, depth: int, open_ids: frozenset) -> None:
-        nonlocal count
-        count += 1
-        if count > _PLAIN_MAX_NODES or depth > _PLAIN_MAX_DEPTH:
-            raise ValueError(
-                f"too large or too deeply nested (at most {_PLAIN_MAX_NODES} values, {_PLAIN_MAX_DEPTH} levels)"
-            )
-        if node is None or isinstance(node, (str, bool, int)):
-            return
-        if isinstance(node, float):
-            if not math.isfinite(node):
-                raise ValueError(f"{where or 'value'} is {node}: only finite numbers are accepted")
-            return
-        if isinstance(node, (list, tuple, dict)):
-            if id(node) in open_ids:
-                raise ValueError(f"{where or 'value'} contains itself (a YAML alias loop)")
-            inner = open_ids | {id(node)}
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for key, item in items:
-                if isinstance(node, dict) and not isinstance(key, str):
-                    raise ValueError(f"key {key!r} is not a string: mapping keys must be text")
-                check(item, f"{where}.{key}" if where else str(key), depth + 1, inner)
-            return
-        raise ValueError(
-            f"{where or 'value'} is a {type(node).__name__}: accepted are numbers, text, true/false, "
-            "null, lists and mappings"
-        )
-
-    check(value, "", 0, frozenset())
-    return value
-
-
-def _path_text(value: str | None) -> str | None:
-    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError("a path must not contain control characters (NUL, newline, tab, ...)")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]  # finite: every model sets allow_inf_nan=False
-Ratio = Annotated[float, Field(allow_inf_nan=True), BeforeValidator(_ratio_not_bool), AfterValidator(_ratio)]
-Seed = Annotated[int, BeforeValidator(_seed)]
-Plain = Annotated[dict[str, Any], AfterValidator(_plain)]
-PathText = Annotated[str, AfterValidator(_path_text)]
 
 
 class _Strict(BaseModel):
@@ -297,7 +204,7 @@ class Suite(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     # extra axes: dotted field -> values (each a non-empty list of plain values)
-    grid: dict[str, Annotated[list[Any], Field(min_length=1), AfterValidator(_plain)]] = Field(default_factory=dict)
+    grid: dict[str, Annotated[list[Any], Field(min_length=1), AfterValidator(plain_data)]] = Field(default_factory=dict)
     plugins: list[PathText] = Field(default_factory=list)  # strategy files loaded by path
     device: str = "auto"
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)

@@ -8,6 +8,7 @@ torch single-threaded in-process and in every CLI subprocess unless OMP_NUM_THRE
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -45,20 +46,24 @@ def _no_data_dir_override(monkeypatch):
     monkeypatch.delenv(DATA_ENV, raising=False)
 
 
+# A minimal valid suite on generated data (never trained by the unit tests, only parsed/expanded).
+TINY_SUITE = {
+    "name": "tiny",
+    "method": "mae",
+    "model": "cpu-tiny",
+    "data": {"name": "synthetic"},
+    "strategies": ["random", "block"],
+    "ratios": [0.6, 0.75],
+    "seeds": [0, 1],
+    "train": {"epochs": 1, "batch_size": 64},
+    "eval": {"probe": {"epochs": 2}},
+}
+
+
 @pytest.fixture
 def tiny_suite() -> dict:
-    """A minimal valid suite on generated data (never trained by the unit tests, only parsed/expanded)."""
-    return {
-        "name": "tiny",
-        "method": "mae",
-        "model": "cpu-tiny",
-        "data": {"name": "synthetic"},
-        "strategies": ["random", "block"],
-        "ratios": [0.6, 0.75],
-        "seeds": [0, 1],
-        "train": {"epochs": 1, "batch_size": 64},
-        "eval": {"probe": {"epochs": 2}},
-    }
+    """A fresh copy of :data:`TINY_SUITE` for a test to modify."""
+    return copy.deepcopy(TINY_SUITE)
 
 
 @pytest.fixture

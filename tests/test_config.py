@@ -364,7 +364,7 @@ def test_ratios_are_numbers_strictly_between_0_and_1(tmp_path, tiny_suite, ratio
 
 @pytest.mark.parametrize("seeds", [[1e23], [1.0], [2.5], [True], [False], [-1], ["3"], [2**31], [10**30]])
 def test_seeds_are_non_negative_integers(tmp_path, tiny_suite, seeds):
-    from masking_bench.config import MAX_SEED
+    from masking_bench.values import MAX_SEED
 
     tiny_suite["seeds"] = seeds
     msg = suite_error(tmp_path, tiny_suite)
@@ -375,9 +375,9 @@ def test_largest_seed_keeps_every_generator_seed_valid(tiny_suite):
     """train.mask_seed and the loader's crop seeds grow with the seed; torch takes seeds below 2**64."""
     import torch
 
-    from masking_bench.config import MAX_SEED
     from masking_bench.data import Augment, Split, TensorLoader
     from masking_bench.train import mask_seed
+    from masking_bench.values import MAX_SEED
 
     tiny_suite["seeds"] = [0, 42, 12345, MAX_SEED]
     assert parse_suite(tiny_suite).seeds[-1] == MAX_SEED

@@ -13,13 +13,14 @@ from conftest import flaky_plugin
 
 from masking_bench import cli
 from masking_bench import launch as launch_mod
+from masking_bench import slurm as slurm_mod
 from masking_bench import status as status_mod
 from masking_bench.config import LauncherConfig, expand, parse_suite
 from masking_bench.errors import BenchError
-from masking_bench.launch import (
+from masking_bench.launch import execute_run
+from masking_bench.slurm import (
     RunJob,
     chunked,
-    execute_run,
     executor_parameters,
     mark_lost,
     mark_submitted,
@@ -110,7 +111,7 @@ def test_executor_parameters_map_the_launcher_block():
 
 
 def test_slurm_launcher_without_sbatch_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setattr(launch_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(slurm_mod.shutil, "which", lambda name: None)
     specs = expand(parse_suite(tiny_suite("nosbatch")))
     with pytest.raises(BenchError, match="sbatch"):
         launch_mod.launch_suite(specs, tmp_path, LauncherConfig(kind="slurm"), "slurm", "nosbatch")

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_SUITE
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from masking_bench.config import MAX_SEED, expand, load_suite, parse_suite
+from masking_bench.config import expand, load_suite, parse_suite
 from masking_bench.errors import BenchError
 from masking_bench.precision import Hardware
 from masking_bench.store import RunRecord
+from masking_bench.values import MAX_SEED
 
 FUZZ = settings(
     max_examples=150,
@@ -31,18 +33,7 @@ FUZZ = settings(
 # expand() with a stand-in for this host: no bf16 probe, and the same answer on every machine
 HOST = Hardware("cpu", "fuzz", False, "stand-in host for the fuzz tests")
 
-# A valid suite (the conftest ``tiny_suite``, rebuilt here: hypothesis does not mix with function fixtures)
-BASE = {
-    "name": "tiny",
-    "method": "mae",
-    "model": "cpu-tiny",
-    "data": {"name": "synthetic"},
-    "strategies": ["random", "block"],
-    "ratios": [0.6, 0.75],
-    "seeds": [0, 1],
-    "train": {"epochs": 1, "batch_size": 64},
-    "eval": {"probe": {"epochs": 2}},
-}
+BASE = TINY_SUITE  # the conftest's valid suite (hypothesis does not mix with function-scoped fixtures)
 
 # Every field of the schema (and some that are not), as dotted paths into the suite mapping
 FIELDS = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from masking_bench import bench
+from masking_bench import bench, timing
 from masking_bench.data import Augment, TensorLoader
 
 
@@ -24,4 +24,4 @@ def test_data_vs_model(benchmark, setup, record):
         augment=Augment(),
     )
     it = iter(loader.batches(0))
-    benchmark.pedantic(lambda: (next(it), bench.sync(setup.device)), rounds=30, warmup_rounds=2)
+    benchmark.pedantic(lambda: (next(it), timing.sync(setup.device)), rounds=30, warmup_rounds=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from masking_bench import bench
+from masking_bench import bench, timing
 
 
 def test_train_step_vs_reference(benchmark, setup, variants, record):
@@ -27,4 +27,4 @@ def test_flops_vs_matmul_peak(benchmark, setup, variants, bf16, record):
     result = record("flops", bench.flops_vs_peak(setup, rounds=7, variants=variants, dtypes=dtypes))
     assert result["flops_per_image"] > 0
     mm, _ = bench.matmul_call(setup.device, torch.float32)
-    benchmark.pedantic(lambda: (mm(), bench.sync(setup.device)), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(lambda: (mm(), timing.sync(setup.device)), rounds=3, warmup_rounds=1)
