@@ -24,6 +24,7 @@ can be raised (``all`` reruns everything).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +38,8 @@ from .config import SCHEMA_VERSION, RunSpec, spec_from_dict
 from .errors import BenchError
 from .store import RunRecord, atomic_write_bytes, write_json
 
+_TOP_KIND = re.compile(r"^kind:", re.M)
+_TOP_PRECISION = re.compile(r"^precision:", re.M)
 TIMING_KEYS = {"seconds", "img_per_s", "plan_share"}
 SUMMARY_KEYS = {"final_loss", "flops_per_image", "params_encoder", "params_total", "epochs"}
 
@@ -45,16 +48,19 @@ SUMMARY_KEYS = {"final_loss", "flops_per_image", "params_encoder", "params_total
 
 
 def _legacy_folders(results: Path, suite: str) -> list[Path]:
+    """Run folders whose ``config.yaml`` has a top-level ``kind`` but no ``precision`` (schema 1). The
+    store writes configs with ``yaml.safe_dump``, so top-level keys start a line: a text search is
+    enough, and ``run``/``status`` need not parse every record to warn about old ones."""
     found = []
     for area in ("runs", "records"):
         base = Path(results) / area / suite
         if base.is_dir():
             for run_dir in sorted(p for p in base.iterdir() if (p / "config.yaml").is_file()):
                 try:
-                    data = yaml.safe_load((run_dir / "config.yaml").read_bytes().decode("utf-8")) or {}
-                except (OSError, ValueError, yaml.YAMLError):
+                    text = (run_dir / "config.yaml").read_bytes().decode("utf-8")
+                except (OSError, ValueError):
                     continue  # damaged: the store names it when it reads the folder
-                if isinstance(data, dict) and "precision" not in data and "kind" in data:
+                if _TOP_KIND.search(text) and not _TOP_PRECISION.search(text):
                     found.append(run_dir)
     return found
 
@@ -68,7 +74,14 @@ def upgrade_legacy(results: Path, suite: str) -> list[str]:
     """Move schema-1 run folders of ``suite`` to their current names; returns one line per folder."""
     lines = []
     for run_dir in _legacy_folders(results, suite):
-        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        try:
+            data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except yaml.YAMLError:
+            lines.append(f"kept {run_dir}: its config.yaml cannot be parsed")
+            continue
+        if not isinstance(data, dict):
+            lines.append(f"kept {run_dir}: its config.yaml is not a mapping")
+            continue
         old_hash = data.pop("run_hash", run_dir.name)
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None

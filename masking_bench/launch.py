@@ -91,8 +91,7 @@ def execute_run(
             record.set_status(state, **extra, **fields)
 
     with record.lock():
-        for note in record.repair():  # leftovers of interrupted writes; a damaged summary with a valid copy
-            print(f"note: {note}", file=sys.stderr)
+        _repair(record)
         if record.is_done():  # finished by another process between the check above and the lock
             return record.read_summary()
         stale = record.stale_reason()
@@ -165,15 +164,20 @@ def run_local(
 def _tidy(record: RunRecord) -> None:
     """Repair a run's folder (leftover temporary files, a damaged summary with a valid copy) when no
     other process holds it; a run being trained elsewhere is left alone."""
-    leftovers = [f for folder in (record.dir, record.archive_dir) if folder.is_dir() for f in folder.glob(".*.tmp")]
-    if not leftovers and not record.live_summary_damaged():
+    if not record.leftovers() and not record.live_summary_damaged():
         return
     try:
         with record.lock():
-            for note in record.repair():
-                print(f"note: {note}", file=sys.stderr)
+            _repair(record)
     except RunBusyError:
         pass
+
+
+def _repair(record: RunRecord) -> None:
+    """Under the run's lock: drop leftovers of interrupted writes, restore a damaged summary from its
+    valid copy, and say so on stderr."""
+    for note in record.repair():
+        print(f"note: {note}", file=sys.stderr)
 
 
 def launch_suite(

@@ -207,7 +207,7 @@ class RunRecord:
 
     def status(self) -> dict[str, Any]:
         """The live ``status.json``; when it is missing or damaged, what the summaries say."""
-        st = read_json(self.status_path) if self.status_path.exists() else None
+        st = read_json(self.status_path)
         if st is not None and st.get("state") in STATES:
             return st
         if self._live_summary() is not None:  # finished, then the status write was cut short
@@ -300,15 +300,14 @@ class RunRecord:
         summary = self.read_summary() or {}
         return changed_parts(summary.get("code"), self.code)
 
+    def leftovers(self) -> list[Path]:
+        """Temporary files that interrupted writes left in the run's live and archived folders."""
+        return temp_files(self.dir) + temp_files(self.archive_dir)
+
     def repair(self) -> list[str]:
         """Restore damaged live files of a finished run from its valid archived copy; drop leftover
         temporary files of interrupted writes. Call under the run's lock. Returns what was done."""
-        done = []
-        for folder in (self.dir, self.archive_dir):
-            if folder.is_dir():
-                for tmp in folder.glob(".*.tmp"):
-                    tmp.unlink(missing_ok=True)
-                    done.append(f"removed {tmp}")
+        done = [f"removed {tmp}" for folder in (self.dir, self.archive_dir) for tmp in remove_temp_files(folder)]
         if self.live_summary_damaged() and self.is_archived():
             for name in ("summary.json", "metrics.jsonl"):
                 atomic_write_bytes(self.dir / name, (self.archive_dir / name).read_bytes())
@@ -407,13 +406,15 @@ def archive_suite(root: Path, suite: str | None = None) -> list[str]:
     return done
 
 
-def remove_temp_files(folder: Path) -> list[Path]:
-    """Delete the leftover temporary files of interrupted atomic writes directly in ``folder`` (if it
-    exists); returns them."""
+def temp_files(folder: Path) -> list[Path]:
+    """The leftover temporary files of interrupted atomic writes directly in ``folder`` ([] if it is absent)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    leftovers = sorted(folder.glob(".*.tmp"))
+    return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the leftover temporary files of interrupted atomic writes directly in ``folder``; returns them."""
+    leftovers = temp_files(folder)
     for tmp in leftovers:
         tmp.unlink(missing_ok=True)
     return leftovers
