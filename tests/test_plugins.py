@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -46,26 +47,26 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def run_check(name: str, *plugins: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_check(name: str, *plugins: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", CHECK, name, *plugins],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
-        cwd=REPO,
+        cwd=cwd,
     )
 
 
-def test_file_in_strategies_folder():
+def test_file_in_strategies_folder(tmp_path):
+    """Dropped into a copy of the package, so that tests running beside this one never discover a
+    strategy file that is about to disappear."""
     name = f"readme_{uuid.uuid4().hex[:8]}"
-    path = REPO / "strategies" / f"{name}.py"
-    path.write_text(readme_plugin(name))
-    try:
-        proc = run_check(name)
-    finally:
-        path.unlink()
+    shutil.copytree(REPO / "masking_bench", tmp_path / "masking_bench", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "masking_bench" / "strategies" / f"{name}.py").write_text(readme_plugin(name))
+    proc = run_check(name, env={"PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"ok {name}" in proc.stdout
+    assert not (REPO / "strategies" / f"{name}.py").exists()
 
 
 def test_file_by_path(tmp_path):
