@@ -37,13 +37,16 @@ bench: setup data
 report: setup
 	$(PY) -m masking_bench report
 
-# Mask galleries of every strategy on the first 8 test images (fresh seeded model). With
-# CKPT=results/runs/<suite>/<hash>/checkpoint.pt the salience strategies also get a gallery
-# from that trained encoder (what SBAM sees after its random-masking warm-up).
+# Mask galleries of every strategy on the first 8 test images (fresh seeded model; hidden patches
+# opaque, score maps with colour bars). sbam_amr is drawn in the mode the committed study trains
+# (mode=sample, suites/ratio_sweep.yaml); mto shows its attention rule next to the masks; misalign
+# its up-sampled view. With CKPT=results/runs/<suite>/<hash>/checkpoint.pt the model-dependent
+# strategies also get a gallery from that trained model (SBAM's salience after warm-up, MTO's
+# decoder attention). Other data: `python -m masking_bench masks STRATEGY --suite SUITE.yaml`.
 STRATS := random block coarse_random sbam sbam_amr mto misalign
 galleries: setup data
 	for s in $(STRATS); do $(PY) -m masking_bench masks $$s --ratio 0.75 --n 8 --out results/masks/$$s.png || exit 1; done
-	[ -z "$(CKPT)" ] || for s in sbam sbam_amr; do \
+	[ -z "$(CKPT)" ] || for s in sbam sbam_amr mto; do \
 	  $(PY) -m masking_bench masks $$s --ratio 0.75 --n 8 --checkpoint $(CKPT) --out results/masks/$${s}_trained.png || exit 1; done
 
 clean:

@@ -1,4 +1,4 @@
-"""The command line: ``run``, ``status``, ``certify``, ``report``, ``masks``, ``list``, ``bench``.
+"""The command line: ``run``, ``plan``, ``status``, ``certify``, ``report``, ``masks``, ``list``, ``export``, ``bench``.
 
 Errors are one line on stderr and exit status 2.
 """
@@ -30,12 +30,17 @@ def _check_data(suite, launcher: str) -> None:
     load_dataset(suite.data.name, suite.data.root, suite.data.image_size)
 
 
-def _cmd_run(args) -> int:
+def _source(args) -> str:
+    """The suite file and its overrides, as error messages name them."""
+    return str(args.suite) + "".join(f" --set {item}" for item in args.set)
+
+
+def _prepare(args):
+    """(suite with its --set overrides and plugins, launcher, every run of it): what `run` and `plan` act on."""
     from .config import expand, load_suite
-    from .launch import launch_suite
     from .masking import get_strategy_class, load_plugin
 
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, args.set)
     for plugin in list(args.plugin) + suite.plugins:
         load_plugin(plugin)
     suite.plugins = sorted(set(suite.plugins) | {str(Path(p).resolve()) for p in args.plugin})
@@ -43,7 +48,26 @@ def _cmd_run(args) -> int:
     for ref in suite.strategies:  # fail fast, before any training, on a bad strategy or parameter
         cls = get_strategy_class(ref.name)
         cls(suite.ratios[0], method=suite.method, **ref.params)
-    specs = expand(suite, args.suite, launcher=launcher)
+    return suite, launcher, expand(suite, _source(args), launcher=launcher)
+
+
+def _cmd_plan(args) -> int:
+    """Every run `run` would consider, its state and what `run` would do; trains and writes nothing."""
+    from .status import format_plan, plan_rows
+
+    suite, launcher, specs = _prepare(args)
+    _warn_legacy(args.results, suite.name)
+    rows = plan_rows(specs, args.results, accept_stale=args.accept_stale, grid=list(suite.grid))
+    print(format_plan(rows, suite.name, args.results / "runs" / suite.name, launcher))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .launch import launch_suite
+
+    if args.dry_run:
+        return _cmd_plan(args)
+    suite, launcher, specs = _prepare(args)
     _warn_legacy(args.results, suite.name)
     _check_data(suite, launcher)
     print(
@@ -128,9 +152,9 @@ def _cmd_status(args) -> int:
     from .config import expand, load_suite
     from .status import annotate_with_slurm, format_status, run_rows
 
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, args.set)
     _warn_legacy(args.results, suite.name)
-    rows = run_rows(expand(suite, args.suite), args.results)
+    rows = run_rows(expand(suite, _source(args)), args.results)
     with_slurm = annotate_with_slurm(rows) if not args.no_slurm else False
     print(format_status(rows, suite.name, args.results / "runs" / suite.name, with_slurm))
     return 0
@@ -157,49 +181,87 @@ def _cmd_certify(args) -> int:
     return 0 if all(g.certified for g in groups) else 1
 
 
+def _report_summary(path: Path) -> str:
+    """What `report` prints: the report's first sentence, its "## Summary" bullets and the files written."""
+    lines = path.read_text().splitlines()
+    first = next((line for line in lines if line.startswith("Generated from")), "")
+    out = [first.split("). ")[0] + (")." if "). " in first else "")] if first else []
+    if "## Summary" in lines:
+        bullets = []
+        for line in lines[lines.index("## Summary") + 1 :]:
+            if line.startswith("- "):
+                bullets.append(line)
+            elif bullets or line.startswith("#"):
+                break
+        out += ["", "Summary:", *bullets]
+    folder = path.parent
+    tables = sorted((folder / "leaderboards").glob("*.csv"))
+    plots = sorted((folder / "plots").glob("*.png"))
+    written = [f"{path} (the full report)"]
+    if (folder / "leaderboard.csv").is_file():
+        written.append(str(folder / "leaderboard.csv"))
+    if tables:
+        written.append(f"{len(tables)} tables in {folder / 'leaderboards'}/")
+    if plots:
+        written.append(f"{len(plots)} plots in {folder / 'plots'}/")
+    return "\n".join([*out, "", "wrote " + ", ".join(written)])
+
+
 def _cmd_report(args) -> int:
     path = _write_report(args.results, args.suite, args.out)
-    print(path.read_text(), end="")
+    print(_report_summary(path))
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 def _cmd_list(args) -> int:
-    from .masking import available, load_plugin
+    # metadata from the catalog: no strategy module (nor torch) is imported while its cache is valid;
+    # provenance: a plugin that does not set `interpretation` itself is "unlabelled" (catalog.provenance)
+    from .catalog import strategies
 
-    for plugin in args.plugin:
-        load_plugin(plugin)
-    for name, cls in available().items():
-        kind = "interpretation" if cls.interpretation else "faithful"
-        params = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "-"
+    for name, info in strategies(args.plugin).items():
         print(
-            f"{name:14s} {kind:14s} {cls.one_line()}\n{'':29s} source: {cls.source or '-'}\n{'':29s} params: {params}"
+            f"{name:14s} {info.provenance:14s} {info.summary}\n{'':29s} source: {info.source or '-'}\n"
+            f"{'':29s} params: {info.params or '-'}"
         )
-    suites = sorted(Path("suites").glob("*.yaml"))
+    suites = sorted(Path("suites").glob("*.yaml")) + sorted(Path("suites").glob("*/*.yaml"))
     if suites:
         print("suites: " + ", ".join(str(p) for p in suites))
     return 0
 
 
 def _cmd_masks(args) -> int:
-    from .gallery import AFTER_WARMUP, check_request, dump, parse_params, plan_masks, render
+    from .gallery import AFTER_WARMUP, check_data, check_request, dump, parse_params, plan_masks, render, suite_setup
     from .masking import load_plugin
 
     epoch = AFTER_WARMUP if args.epoch is None else args.epoch
     check_request(args.ratio, args.n, args.seed, epoch)  # before plugins, data or models are loaded
+    if args.data is not None:
+        check_data(args.data, args.image_size)
     params = parse_params(args.param)
-    for plugin in args.plugin:
+    setup = suite_setup(args.suite, args.strategy) if args.suite else None
+    for plugin in list(args.plugin) + (setup.plugins if setup else []):
         load_plugin(plugin)
+    # explicit flags win over the suite; data a flag does not name comes from the suite, the
+    # checkpoint's run config, else Fashion-MNIST
+    from_suite = setup is not None and args.data is None
+    listed = setup is not None and setup.params is not None
     masks = plan_masks(
-        args.strategy,
+        setup.strategy if setup else args.strategy,
         args.ratio,
         seed=args.seed,
         n=args.n,
-        params=params,
+        params={**setup.params, **params} if listed else params,
         checkpoint=args.checkpoint,
-        method=args.method,
-        preset=args.model,
+        method=args.method or (setup.method if setup else "mae"),
+        preset=args.model or (setup.preset if setup else "cpu-tiny"),
         epoch=epoch,
+        data=args.data or (setup.data if setup else None),
+        data_root=args.root if args.root is not None or not from_suite else setup.root,
+        image_size=args.image_size if args.image_size is not None or not from_suite else setup.image_size,
+        overrides=setup.overrides if setup and not args.model else None,
+        study_defaults=not listed,
+        label=f"{setup.label} ({args.suite})" if setup else None,
     )
     if args.dump:
         print(f"wrote {dump(masks, args.dump)}", file=sys.stderr)
@@ -208,6 +270,17 @@ def _cmd_masks(args) -> int:
         print(f"wrote {render(masks, out)}", file=sys.stderr)
     ratios = masks["ratio"]
     print(f"{args.strategy}: hidden ratio mean {ratios.mean():.3f} (min {ratios.min():.3f}, max {ratios.max():.3f})")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    recipe = export_run(args.run_dir, args.out, args.pool)
+    for path in recipe["paths"]:
+        print(f"wrote {path}", file=sys.stderr)
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in recipe["kwargs"].items())
+    print(f"timm.create_model({recipe['timm_model']!r}, pretrained=False, {kwargs})")
     return 0
 
 
@@ -236,6 +309,17 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a suite field before validation, value parsed as YAML (repeatable): "
+        "--set train.epochs=2 --set ratios=[0.6,0.9]",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m masking_bench", description="Benchmark masking strategies for MIM pre-training of ViTs."
@@ -243,25 +327,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite (skips finished runs, resumes partial ones)")
-    run.add_argument("suite", type=Path, help="suite YAML, e.g. suites/smoke.yaml")
-    run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
-    run.add_argument("--plugin", action="append", default=[], metavar="FILE", help="strategy file to load")
+    pln = sub.add_parser("plan", help="what `run` would do with each run (state, hash); trains and writes nothing")
+    for p in (run, pln):
+        p.add_argument("suite", type=Path, help="suite YAML, e.g. suites/smoke.yaml")
+        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
+        p.add_argument("--plugin", action="append", default=[], metavar="FILE", help="strategy file to load")
+        _add_set(p)
+        p.add_argument(
+            "--launcher",
+            choices=("local", "debug", "slurm"),
+            default=None,
+            help="where runs execute (default: the suite's launcher.kind, else local)",
+        )
+        p.add_argument(
+            "--accept-stale",
+            action="store_true",
+            help="count runs finished by older code as done (the report marks them [STALE])",
+        )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument(
-        "--launcher",
-        choices=("local", "debug", "slurm"),
-        default=None,
-        help="where runs execute (default: the suite's launcher.kind, else local)",
-    )
     run.add_argument(
         "--no-wait", action="store_true", help="slurm: return right after submission (follow with `status`)"
     )
-    run.add_argument(
-        "--accept-stale",
-        action="store_true",
-        help="count runs finished by older code as done (the report marks them [STALE])",
-    )
+    run.add_argument("--dry-run", action="store_true", help="print the plan (as `plan` does) and stop")
     run.set_defaults(func=_cmd_run)
+    pln.set_defaults(func=_cmd_plan)
 
     cer = sub.add_parser(
         "certify",
@@ -284,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sta.add_argument("suite", type=Path, help="suite YAML")
     sta.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results)")
     sta.add_argument("--no-slurm", action="store_true", help="do not ask sacct about the runs' jobs")
+    _add_set(sta)
     sta.set_defaults(func=_cmd_status)
 
     rep = sub.add_parser("report", help="regenerate the leaderboard from run records")
@@ -292,14 +382,29 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=None, help="write here instead of the results folder")
     rep.set_defaults(func=_cmd_report)
 
-    msk = sub.add_parser("masks", help="render / dump a strategy's masks on Fashion-MNIST test images")
-    msk.add_argument("strategy")
+    msk = sub.add_parser("masks", help="render / dump a strategy's masks on a dataset's test images")
+    msk.add_argument("strategy", help="strategy name (with --suite: one of the suite's labels or names)")
     msk.add_argument("--ratio", type=float, default=0.75, help="masking ratio in (0, 1) (default 0.75)")
     msk.add_argument("--seed", type=int, default=0, help="seed of the masks and of a fresh model (default 0)")
     msk.add_argument("--n", type=int, default=8, help="the first N test images, N in 1..64 (default 8)")
     msk.add_argument("--checkpoint", default=None, help="a run's checkpoint.pt (else a seeded fresh model)")
-    msk.add_argument("--method", choices=("mae", "simmim"), default="mae")
-    msk.add_argument("--model", default="cpu-tiny", help="model preset when no checkpoint is given")
+    msk.add_argument("--method", choices=("mae", "simmim"), default=None, help="default: the suite's, else mae")
+    msk.add_argument("--model", default=None, help="preset without a checkpoint (default: the suite's, else cpu-tiny)")
+    msk.add_argument(
+        "--suite",
+        type=Path,
+        default=None,
+        help="take data, model, method and the strategy's params from this suite YAML (flags still win)",
+    )
+    msk.add_argument(
+        "--data",
+        default=None,
+        metavar="NAME",
+        help="fashion_mnist, cifar10, imagefolder or synthetic (default: the suite's or checkpoint's, else "
+        "fashion_mnist)",
+    )
+    msk.add_argument("--root", default=None, metavar="DIR", help="dataset folder (never downloaded)")
+    msk.add_argument("--image-size", type=int, default=None, metavar="N", help="imagefolder/synthetic side in pixels")
     msk.add_argument("--epoch", type=int, default=None, help="planning epoch >= 0 (default: after any warm-up)")
     msk.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="strategy parameter")
     msk.add_argument("--plugin", action="append", default=[], metavar="FILE")
@@ -310,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list strategies and suites")
     lst.add_argument("--plugin", action="append", default=[], metavar="FILE")
     lst.set_defaults(func=_cmd_list)
+
+    exp = sub.add_parser("export", help="write a run's encoder as timm VisionTransformer weights (+ create_model json)")
+    exp.add_argument("run_dir", type=Path, help="a run folder with checkpoint.pt: results/runs/<suite>/<hash>")
+    exp.add_argument("--out", type=Path, default=None, help="weights file (default: RUN_DIR/encoder.pth); .json beside")
+    exp.add_argument(
+        "--pool", choices=("mean", "cls"), default=None, help="features as eval.pool (default: the run's eval.pool)"
+    )
+    exp.set_defaults(func=_cmd_export)
 
     ben = sub.add_parser("bench", help="speed figures of this machine (training step, FLOP/s, planning, data, eval)")
     ben.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")

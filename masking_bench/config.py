@@ -41,6 +41,9 @@ class StrategyRef(_Strict):
     name: str
     params: Plain = Field(default_factory=dict)
     label: str | None = None  # display name; defaults to ``name``
+    # train this strategy at only these of the suite's ratios (default: all of them); shapes the
+    # grid, never a run's numbers, so it is not part of any run's identity
+    ratios: list[Ratio] | None = Field(None, min_length=1)
 
     @field_validator("label")
     @classmethod
@@ -169,7 +172,7 @@ class EvalConfig(_Strict):
     pool: Literal["mean", "cls"] = "mean"
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     knn: KnnConfig = Field(default_factory=KnnConfig)
-    low_shot: LowShotConfig | None = None
+    low_shot: LowShotConfig | None = Field(default_factory=LowShotConfig)  # null: no low-label protocols
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     every: Int | None = Field(None, gt=0)  # also evaluate after every k-th epoch (convergence curves)
     every_protocols: list[Literal["probe", "knn", "low_shot"]] = Field(default_factory=lambda: ["knn"], min_length=1)
@@ -192,6 +195,14 @@ class LauncherConfig(_Strict):
     folder: PathText | None = None  # submitit logs; default <results>/submitit/<suite>
 
 
+class LoggingConfig(_Strict):
+    """Experiment loggers fed from every metrics row (masking_bench/tracking.py); metrics.jsonl stays the
+    record. Not part of any run's identity: logging never changes a number."""
+
+    tensorboard: bool = False  # event files in <run>/tb/
+    wandb: bool = False  # Weights & Biases, offline, in <run>/wandb/ (pip install wandb)
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
@@ -208,6 +219,19 @@ class Suite(_Strict):
     plugins: list[PathText] = Field(default_factory=list)  # strategy files loaded by path
     device: str = "auto"
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    # copy finished runs to <results>/records/<suite>/ (committed to git); never part of a run's identity
+    archive: bool = False
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("logging")
+    @classmethod
+    def _loggers_installed(cls, value):
+        from .tracking import wandb_missing_message
+
+        missing = wandb_missing_message() if value.wandb else None
+        if missing:
+            raise ValueError(missing)
+        return value
 
     @field_validator("name")
     @classmethod
@@ -237,6 +261,13 @@ class Suite(_Strict):
 
     @model_validator(mode="after")
     def _unique_labels(self):
+        for strat in self.strategies:
+            outside = [r for r in strat.ratios or [] if r not in self.ratios]
+            if outside:
+                raise ValueError(
+                    f"strategy '{strat.display}' asks for ratio {outside[0]:g}, which is not in the suite's "
+                    f"ratios {[float(r) for r in self.ratios]}: a strategy's ratios are a subset of them"
+                )
         labels = [s.display for s in self.strategies]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
@@ -261,11 +292,14 @@ class RunSpec(BaseModel):
     plugins: list[str] = Field(default_factory=list)
     device: str = "auto"
     precision: Literal["bf16", "fp32"] | None = None  # what train.amp resolved to (pre-training runs)
+    archive: bool = False  # the suite's `archive`: copy the finished run to results/records (not identity)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)  # absent from older records
 
     def identity(self) -> dict[str, Any]:
         """Every field that changes the numbers; the hash is taken over this."""
-        ident = self.model_dump(mode="json", exclude={"suite", "plugins", "device"})
+        ident = self.model_dump(mode="json", exclude={"suite", "plugins", "device", "logging", "archive"})
         ident["strategy"].pop("label", None)
+        ident["strategy"].pop("ratios", None)
         ident["data"].pop("root", None)
         ident["train"].pop("amp")  # as written (auto / bf16 / none); what it resolved to is `precision`
         ident["schema"] = SCHEMA_VERSION
@@ -312,12 +346,18 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return f"{source}: field '{loc}': {_shorten(msg, 300)}{shown}{extra}"
 
 
-def load_suite(path: str | Path) -> Suite:
+def load_suite(path: str | Path, overrides=None) -> Suite:
     """Read and validate a suite file; every problem becomes a one-line :class:`BenchError`.
+
+    ``overrides`` (``["train.epochs=2", ...]`` or ``{"train.epochs": 2}``) are set into the file's
+    mapping before validation (:mod:`masking_bench.overrides`).
 
     A suite without a ``name`` is named after its file; a file name that is not a safe folder name
     (e.g. ``my suite.yaml``) is refused with a request to set ``name:``, never silently rewritten.
     """
+    from .overrides import parse_overrides
+
+    overrides = parse_overrides(overrides)
     path = Path(path)
     if path.is_dir():
         raise BenchError(f"suite path '{path}' is a folder: give one suite file (suites/*.yaml)")
@@ -345,21 +385,25 @@ def load_suite(path: str | Path) -> Suite:
         raise BenchError(f"{path}: malformed YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise BenchError(f"{path}: a suite must be a YAML mapping with at least 'strategies' and 'ratios'")
-    if "name" not in raw and not SAFE_NAME.fullmatch(path.stem):
+    named = "name" in raw or any(o.path == ("name",) for o in overrides)
+    if not named and not SAFE_NAME.fullmatch(path.stem):
         hint = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).lstrip("_.-")[:100] or "my_suite"
         raise BenchError(
             f"{path}: the file name '{path.stem}' cannot name the suite's results folder; add a line "
             f"'name: {hint}' to the suite ({SAFE_NAME_RULE})"
         )
     raw.setdefault("name", path.stem)
-    return parse_suite(raw, str(path), base_dir=path.parent)
+    return parse_suite(raw, str(path), base_dir=path.parent, overrides=overrides)
 
 
-def parse_suite(raw: dict, source: str = "suite", base_dir: Path | None = None) -> Suite:
+def parse_suite(raw: dict, source: str = "suite", base_dir: Path | None = None, overrides=None) -> Suite:
+    from .overrides import apply_overrides, blame
+
+    raw, sets = apply_overrides(raw, overrides)
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as err:
-        raise BenchError(_format_validation(err, source)) from None
+        raise BenchError(_format_validation(err, blame(err, sets, source))) from None
     if base_dir is not None:  # plugin paths are relative to the suite file
         suite.plugins = [str((base_dir / p).resolve()) if not Path(p).is_absolute() else p for p in suite.plugins]
     return suite
@@ -381,24 +425,21 @@ def planned_device_type(suite: Suite, launcher: str | None = None) -> str:
         return suite.device.split(":")[0]
     if (launcher or suite.launcher.kind) == "slurm":
         return "cuda" if suite.launcher.gpus_per_node > 0 else "cpu"
-    import torch
+    from .precision import cuda_available  # torch.cuda.is_available(), without torch where it is surely no
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda_available() else "cpu"
 
 
 def resolve_strategy(ref: StrategyRef, plugins: list[str]) -> StrategyRef:
     """``ref`` with the strategy's defaults merged into its parameters (the resolved parameters)."""
-    from .masking import get_strategy_class, load_plugin
+    from .catalog import defaults  # the class's defaults, or their cached copy (no torch import)
 
-    for plugin in plugins:
-        load_plugin(plugin)
-    cls = get_strategy_class(ref.name)
-    return ref.model_copy(update={"params": {**copy.deepcopy(cls.defaults), **ref.params}})
+    return ref.model_copy(update={"params": {**defaults(ref.name, plugins), **ref.params}})
 
 
 # grid axes refused: the first are axes already; the others are not part of any run's identity
 _LISTED_AXES = ("strategies", "ratios", "seeds")
-_NON_IDENTITY_AXES = ("name", "description", "device", "plugins", "launcher", "grid")
+_NON_IDENTITY_AXES = ("name", "description", "device", "plugins", "launcher", "grid", "logging", "archive")
 
 
 def _check_grid_axes(suite: Suite, source: str) -> None:
@@ -415,14 +456,13 @@ def _check_grid_axes(suite: Suite, source: str) -> None:
 
 def _check_model(model: ModelConfig, source: str) -> None:
     """The preset exists and every override names a model field (else the run would fail when it starts)."""
-    import inspect
+    from .catalog import model_schema  # models.PRESETS and MIMViT's parameters, cached (no torch import)
 
-    from .models import PRESETS, MIMViT
-
-    if model.preset not in PRESETS:
-        raise BenchError(f"{source}: unknown model preset '{model.preset}': accepted are {', '.join(PRESETS)}")
+    presets, init_params = model_schema()
+    if model.preset not in presets:
+        raise BenchError(f"{source}: unknown model preset '{model.preset}': accepted are {', '.join(presets)}")
     set_by_run = {"self", "img_size", "in_chans", "method", "norm_pix_loss"}
-    fields = [p for p in inspect.signature(MIMViT.__init__).parameters if p not in set_by_run]
+    fields = [p for p in init_params if p not in set_by_run]
     unknown = sorted(set(model.overrides) - set(fields))
     if unknown:
         raise BenchError(
@@ -465,6 +505,8 @@ def expand(suite: Suite, source: str = "suite", launcher: str | None = None, har
             eval=variant.eval,
             plugins=suite.plugins,
             device=suite.device,
+            archive=suite.archive,
+            logging=suite.logging,
         )
         used = precision.resolve(variant.train.amp, device_type, hardware)
         candidates = []
@@ -475,7 +517,7 @@ def expand(suite: Suite, source: str = "suite", launcher: str | None = None, har
             ]
         for strat in variant.strategies:
             ref = resolved.get(strat.display) or resolve_strategy(strat, suite.plugins)
-            for ratio in variant.ratios:
+            for ratio in strat.ratios or variant.ratios:
                 candidates += [
                     RunSpec(strategy=ref, ratio=ratio, seed=s, precision=used, **common) for s in variant.seeds
                 ]

@@ -23,6 +23,9 @@ import ast
 import functools
 import hashlib
 import inspect
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +69,57 @@ def normalised_source(text: str) -> str:
 @functools.cache
 def file_digest(path: str | Path) -> str:
     """Digest of a source file's normalised code, read once per process: a file edited while the
-    process runs keeps the digest of the code this process loaded."""
+    process runs keeps the digest of the code this process loaded.
+
+    Normalising costs an AST parse per file (~0.1 s for the engine at start-up), so the digest is
+    also remembered on disk by the sha256 of the file's exact bytes (and the Python version, whose
+    ``ast.unparse`` defines the normal form): the same bytes always give the same digest."""
     text = Path(path).read_text(encoding="utf-8")
+    raw = f"{sys.version_info[0]}.{sys.version_info[1]}:{hashlib.sha256(text.encode()).hexdigest()}"
+    known = _digest_memo().get(raw)
+    if isinstance(known, str):
+        return known
     try:
         canon = normalised_source(text)
     except SyntaxError:
         canon = text
-    return hashlib.sha256(canon.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(canon.encode()).hexdigest()[:12]
+    _remember_digest(raw, digest)
+    return digest
+
+
+MEMO_SIZE = 512  # digests kept on disk (the most recent)
+
+
+def _memo_path() -> Path:
+    from .catalog import cache_dir
+
+    return cache_dir() / "code-digests.json"
+
+
+@functools.cache
+def _digest_memo() -> dict[str, str]:
+    try:
+        memo = json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _remember_digest(raw: str, digest: str) -> None:
+    """Add one digest to the on-disk memo (atomic rename; a memo that cannot be written is no memo)."""
+    memo = _digest_memo()
+    memo[raw] = digest
+    while len(memo) > MEMO_SIZE:
+        memo.pop(next(iter(memo)))
+    path = _memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _digest_files(paths: list[Path]) -> str:
@@ -116,11 +163,9 @@ def code_fingerprint(spec) -> dict[str, str]:
     """Part -> digest of the code that produces ``spec``'s numbers (strategy first for a pre-training run)."""
     parts: dict[str, str] = {}
     if spec.kind == "pretrain":
-        from .masking import get_strategy_class, load_plugin
+        from .catalog import digest  # the registry's strategy_digest, or its cached copy (no torch import)
 
-        for plugin in spec.plugins:
-            load_plugin(plugin)
-        parts["strategy"] = strategy_digest(get_strategy_class(spec.strategy.name))  # cached since registration
+        parts["strategy"] = digest(spec.strategy.name, spec.plugins)
     parts.update(engine_parts(finetune=spec.eval.finetune.enabled))
     return parts
 

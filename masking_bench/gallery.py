@@ -1,12 +1,14 @@
 """Inspect a strategy's masks on real images: a PNG gallery and an .npz dump (the ``masks`` command).
 
-Images are the first N of the Fashion-MNIST test split, unaugmented. The model whose embeddings a
+Images are the first N of a dataset's test split (Fashion-MNIST unless told or a suite / checkpoint
+names another), unaugmented. The model whose embeddings a
 salience strategy reads is a run's checkpoint when given, else a freshly initialised one (seeded).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ import numpy as np
 import torch
 import yaml
 
-from .data import load_dataset
+from .data import DATASET_NAMES, load_dataset
 from .errors import BenchError
+from .gallery_panels import NOTES, attention_maps, build_figure, target_label, view_label
 from .masking import PlanContext, build_strategy
 from .models import build_model
 
@@ -23,6 +26,13 @@ AFTER_WARMUP = 10**9  # default planning epoch: past any strategy warm-up
 MAX_IMAGES = 64  # --n: a gallery of more images is unreadable (and planning 10 000 of them takes minutes)
 MAX_SEED = 2**63 - 1
 WHERE_CHECKPOINTS = "runs keep results/runs/<suite>/<hash>/checkpoint.pt"
+DEFAULT_DATA = "fashion_mnist"
+NATIVE_SIZES = {"fashion_mnist": 28, "cifar10": 32}  # --image-size resizes imagefolder / synthetic only
+MAX_IMAGE_SIZE = 512
+# parameters the committed study (suites/ratio_sweep.yaml) trains a strategy with, when they differ
+# from the class defaults: a gallery shows that variant unless told otherwise (docs/strategies.md §6.3)
+STUDY_SUITE = "suites/ratio_sweep.yaml"
+STUDY_PARAMS: dict[str, dict[str, Any]] = {"sbam_amr": {"mode": "sample"}}
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -92,7 +102,15 @@ def checkpoint_setup(checkpoint: str | None, method: str, preset: str) -> tuple[
     return method, preset, overrides
 
 
-def load_model(checkpoint: str | None, method: str, preset: str, seed: int, img_size: int, channels: int):
+def load_model(
+    checkpoint: str | None,
+    method: str,
+    preset: str,
+    seed: int,
+    img_size: int,
+    channels: int,
+    overrides: dict[str, Any] | None = None,
+):
     """A run's checkpoint (preset/method read from its config.yaml) or a seeded fresh model."""
     if checkpoint:
         path = Path(checkpoint)
@@ -122,7 +140,90 @@ def load_model(checkpoint: str | None, method: str, preset: str, seed: int, img_
             ) from None
         return model, method
     torch.manual_seed(seed)
-    return build_model(preset, method, img_size, channels), method
+    return build_model(preset, method, img_size, channels, **(overrides or {})), method
+
+
+def check_data(name: str, image_size: int | None = None) -> None:
+    """One-line errors for a dataset request (before any file is read; nothing is ever downloaded)."""
+    if name not in DATASET_NAMES:
+        raise BenchError(f"masks: unknown dataset '{name}': accepted are {', '.join(DATASET_NAMES)}")
+    if image_size is None:
+        return
+    if not _is_int(image_size) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise BenchError(f"masks: --image-size {image_size} is out of range: give 1..{MAX_IMAGE_SIZE} pixels")
+    if name in NATIVE_SIZES and image_size != NATIVE_SIZES[name]:
+        raise BenchError(
+            f"masks: --image-size applies to imagefolder and synthetic only; {name} images are "
+            f"{NATIVE_SIZES[name]}x{NATIVE_SIZES[name]}"
+        )
+
+
+def checkpoint_data(checkpoint: str | None) -> tuple[str, str | None, int | None] | None:
+    """(name, root, image_size) of the dataset a checkpoint's run trained on, from the ``config.yaml``
+    next to it; None without a checkpoint, a config or a readable ``data`` block."""
+    if not checkpoint:
+        return None
+    try:
+        data = yaml.safe_load((Path(checkpoint).parent / "config.yaml").read_text()).get("data") or {}
+        name = data.get("name")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(name, str):
+        return None
+    size = data.get("image_size") if name not in NATIVE_SIZES else None
+    return name, data.get("root"), size
+
+
+@dataclass
+class SuiteSetup:
+    """What a gallery takes from a suite: data, model, method and the strategy's entry (if listed)."""
+
+    strategy: str
+    label: str
+    params: dict[str, Any] | None  # None: the suite does not list the strategy
+    data: str
+    root: str | None
+    image_size: int | None
+    method: str
+    preset: str
+    overrides: dict[str, Any]
+    plugins: list[str]
+
+
+def suite_setup(path: str | Path, strategy: str) -> SuiteSetup:
+    """Read a suite for ``masks --suite``: ``strategy`` is one of its labels or strategy names."""
+    from .config import load_suite
+
+    suite = load_suite(path)
+    refs = [r for r in suite.strategies if r.display == strategy] or [r for r in suite.strategies if r.name == strategy]
+    if len(refs) > 1:
+        labels = ", ".join(r.display for r in refs)
+        raise BenchError(
+            f"suite '{path}' lists strategy '{strategy}' {len(refs)} times: give one of its labels ({labels})"
+        )
+    ref = refs[0] if refs else None
+    size = suite.data.image_size if suite.data.name not in NATIVE_SIZES else None
+    return SuiteSetup(
+        strategy=ref.name if ref else strategy,
+        label=ref.display if ref else strategy,
+        params=dict(ref.params) if ref else None,
+        data=suite.data.name,
+        root=suite.data.root,
+        image_size=size,
+        method=suite.method,
+        preset=suite.model.preset,
+        overrides=dict(suite.model.overrides),
+        plugins=list(suite.plugins),
+    )
+
+
+def _title(strategy, label: str, shown: dict[str, Any], study: bool, dataset, ratio: float, model_text: str) -> str:
+    params = f" [{', '.join(f'{k}={v}' for k, v in shown.items())}]" if shown else ""
+    params += f" (as {STUDY_SUITE} trains it)" if study else ""
+    size = f"{dataset.channels}x{dataset.image_size}x{dataset.image_size}"
+    line = f"{label}{params}: r={ratio:g}, {dataset.name} {size}, {model_text}; hidden patches opaque orange"
+    note = NOTES.get(strategy.name)
+    return line + (f"\n{note}" if note else "")
 
 
 def plan_masks(
@@ -136,14 +237,29 @@ def plan_masks(
     preset: str = "cpu-tiny",
     epoch: int = AFTER_WARMUP,
     data_root: str | None = None,
+    data: str | None = None,
+    image_size: int | None = None,
+    overrides: dict | None = None,
+    study_defaults: bool = True,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Plan masks for the first ``n`` test images (1..``MAX_IMAGES``); returns arrays ready for
-    :func:`dump` / :func:`render`. Requests and parameters are checked before any data is read."""
+    """Plan masks for the first ``n`` test images (1..``MAX_IMAGES``) of ``data`` (default: the
+    checkpoint's dataset, else Fashion-MNIST); returns arrays ready for :func:`dump` / :func:`render`.
+    ``params`` go on top of :data:`STUDY_PARAMS` (unless ``study_defaults`` is off, e.g. for a suite's
+    own entry). Requests and parameters are checked before any data is read."""
     check_request(ratio, n, seed, epoch)
-    method = checkpoint_setup(checkpoint, method, preset)[0]
-    strategy = build_strategy(strategy_name, ratio, method, params)
-    dataset = load_dataset("fashion_mnist", data_root)
-    model, method = load_model(checkpoint, method, preset, seed, dataset.image_size, dataset.channels)
+    method, preset, ck_overrides = checkpoint_setup(checkpoint, method, preset)
+    ck = None if data else checkpoint_data(checkpoint)  # an explicit dataset wins over the run's
+    name = data or (ck[0] if ck else DEFAULT_DATA)
+    root = data_root if data_root is not None else (ck[1] if ck else None)
+    size = image_size if image_size is not None else (ck[2] if ck else None)
+    check_data(name, size)
+    base = STUDY_PARAMS.get(strategy_name, {}) if study_defaults else {}
+    strategy = build_strategy(strategy_name, ratio, method, {**base, **(params or {})})
+    dataset = load_dataset(name, root, size)
+    model, method = load_model(
+        checkpoint, method, preset, seed, dataset.image_size, dataset.channels, ck_overrides or overrides
+    )
     model.eval()
     c = dataset.channels
     raw = dataset.test.images[:n].float() / 255.0
@@ -153,16 +269,31 @@ def plan_masks(
     ctx = PlanContext(model, model.grid, torch.Generator().manual_seed(seed), epoch=epoch, method=method)
     with torch.no_grad():
         plan = strategy.plan(x, ctx)
-    view = plan.view if plan.view is not None else x
+
+    def pixels(t: torch.Tensor) -> np.ndarray:
+        return (t.detach().cpu().float() * std + mean).clamp(0, 1).numpy().astype(np.float32)
+
+    shown = {k: v for k, v in strategy.params.items() if k in base or v != type(strategy).defaults.get(k, object())}
+    study = bool(base) and all(strategy.params[k] == v for k, v in base.items())
+    model_text = f"checkpoint {checkpoint}" if checkpoint else f"fresh {preset} {method} model (seed {seed})"
     out = {
         "strategy": strategy_name,
-        "images": (view * std + mean).clamp(0, 1).numpy().astype(np.float32),
+        "images": raw.numpy().astype(np.float32),
         "mask": plan.mask.cpu().numpy().astype(bool),
         "ratio": plan.realised_ratio().cpu().numpy().astype(np.float32),
         "grid": np.array(model.grid),
         "params": json.dumps(strategy.describe()["params"], sort_keys=True, default=str),
         "base_ratio": np.float32(ratio),
+        "data": dataset.name,
+        "title": _title(strategy, label or strategy_name, shown, study, dataset, ratio, model_text),
     }
+    size2 = tuple(x.shape[-2:])
+    if plan.view is not None:
+        out["view"], out["view_label"] = pixels(plan.view), view_label(strategy, size2)
+    if isinstance(plan.target, torch.Tensor) and plan.target.shape == x.shape:
+        out["target"], out["target_label"] = pixels(plan.target), target_label(strategy, size2)
+    with torch.no_grad():
+        out.update(attention_maps(model, x, plan, method))
     for key, value in plan.diagnostics.items():
         key = "target_ratio" if key == "ratio" else key  # the realised ratio keeps the name 'ratio'
         if key in out and key != "base_ratio":
@@ -187,44 +318,19 @@ def dump(masks: dict[str, Any], path: str | Path) -> Path:
 
 
 def render(masks: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
-    """PNG grid: one column per image; rows: the image, what the encoder sees, the salience if any."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """PNG grid: one column per image; rows: the image, the strategy's own encoder input and target if
+    any, what the encoder sees (hidden patches opaque), then score maps with colour bars
+    (:mod:`masking_bench.gallery_panels`)."""
     import matplotlib.pyplot as plt
 
-    hide_cmap = matplotlib.colors.ListedColormap(["#f28e2b"])
-    images, mask, grid = masks["images"], masks["mask"], tuple(int(g) for g in masks["grid"])
-    rows = ["image", "visible to the encoder"] + (["salience"] if "salience" in masks else [])
-    n = images.shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 0.9, 1.3 * len(rows) + 0.4), squeeze=False)
-    h, w = images.shape[-2:]
-    ph, pw = h // grid[0], w // grid[1]
-    for i in range(n):
-        img = images[i].transpose(1, 2, 0)
-        img = img[..., 0] if img.shape[-1] == 1 else img
-        hidden = np.kron(mask[i].reshape(grid), np.ones((ph, pw)))[:h, :w]
-        axes[0, i].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[1, i].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[1, i].imshow(np.ma.masked_where(hidden == 0, hidden), cmap=hide_cmap, alpha=0.9, vmin=0, vmax=1)
-        axes[1, i].set_xlabel(f"{masks['ratio'][i]:.0%} hidden", fontsize=7)
-        if "salience" in masks:
-            axes[2, i].imshow(masks["salience"][i].reshape(grid), cmap="viridis", vmin=0, vmax=1)
-        for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    for r, name in enumerate(rows):
-        axes[r, 0].set_ylabel(name, fontsize=7)
-    fig.suptitle(
-        title or f"{masks['strategy']} (r={float(masks['base_ratio']):g}; hidden patches in orange)", fontsize=9
-    )
-    fig.tight_layout()
+    default = str(masks["title"]) if "title" in masks else f"{masks['strategy']} (r={float(masks['base_ratio']):g})"
+    gallery = build_figure(masks, title or default)
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        gallery.fig.savefig(path, dpi=110)
     except (OSError, ValueError) as exc:  # unwritable folder, unknown image format
         raise BenchError(f"cannot write the gallery '{path}': {_first_line(exc)} (e.g. --out gallery.png)") from None
     finally:
-        plt.close(fig)
+        plt.close(gallery.fig)
     return path

@@ -12,13 +12,28 @@ environment limits such as ``ONEDNN_MAX_CPU_ISA`` or a hypervisor that hides ins
 bf16 slow although the flags say otherwise. The ratio between the two cases is ~40-170x, so the
 race cannot flip on a busy machine. The precision actually used is part of a run's identity (bf16
 and fp32 give different numbers) and is recorded, with the reason, in ``summary.json``.
+
+Planning (``status``, ``plan``, ``run`` before training) asks :func:`resolve` without a ``Hardware``;
+in a process that has not imported torch, the CPU's answer then comes from a per-host file in the
+catalog cache (:mod:`masking_bench.catalog`), keyed by host name, the CPU's model and flags
+(``/proc/cpuinfo``), the torch version and the environment variables that limit its kernels, so
+the planning commands start without torch. Training always asks the hardware itself
+(:func:`check_on_device`), so a wrong cached answer is one line, never a mislabelled run. Whether
+CUDA is available is likewise answered without torch when torch is a CPU-only build or the host
+has no GPU device nodes.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
+import platform
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import BenchError
@@ -94,6 +109,97 @@ def hardware(device_type: str) -> Hardware:
     return cuda_hardware() if device_type == "cuda" else cpu_hardware()
 
 
+# environment variables that change which kernels torch / oneDNN run
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE")
+
+
+def _cpu_identity() -> str:
+    """The CPU as /proc/cpuinfo describes it (model name and flags of the first processor)."""
+    try:
+        text = Path("/proc/cpuinfo").read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    first = text.split("\n\n")[0]
+    keep = [line for line in first.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(keep) or first
+
+
+def _torch_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _cpu_cache_path():
+    from .catalog import cache_dir
+
+    key = {
+        "host": platform.node(),
+        "cpu": _cpu_identity(),
+        "torch": _torch_version(),
+        "env": {name: os.environ.get(name) for name in KERNEL_ENV},
+        "race": NATIVE_RACE_FRACTION,
+        "python": sys.executable,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"cpu-{digest}.json"
+
+
+def planning_cpu_hardware() -> Hardware:
+    """This CPU's bf16 support for planning: :func:`cpu_hardware` where torch is already imported, else
+    its answer stored per host (measured once, with torch, on a miss)."""
+    if "torch" in sys.modules:
+        return cpu_hardware()
+    path = _cpu_cache_path()
+    try:
+        data = json.loads(path.read_text())
+        if set(data) == {f.name for f in fields(Hardware)}:
+            return Hardware(**data)
+    except (OSError, ValueError, TypeError):
+        pass
+    hw = cpu_hardware()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(hw.as_dict()))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no cache: the next planning command measures again
+    return hw
+
+
+def cuda_available() -> bool:
+    """``torch.cuda.is_available()``, without importing torch where the answer is certainly no: a torch
+    built without CUDA or ROCm, or a Linux host without NVIDIA / AMD / WSL GPU device nodes."""
+    if "torch" not in sys.modules:
+        if not _torch_gpu_build():
+            return False
+        nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+        if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in nodes):
+            return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _torch_gpu_build() -> bool:
+    """False when torch/version.py says ``cuda = None`` and ``hip = None``; True when it says otherwise
+    or cannot be read (then torch is asked)."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text(encoding="utf-8")
+    except (AttributeError, ImportError, IndexError, OSError, TypeError, ValueError):
+        return True
+    values = dict(re.findall(r"^(cuda|hip)\b[^=\n]*=\s*(.+?)\s*$", text, flags=re.M))
+    return not (values.get("cuda") == "None" and values.get("hip") == "None")
+
+
 def resolve(amp: str, device_type: str, hw: Hardware | None = None) -> str:
     """The precision (``bf16`` or ``fp32``) a run with ``train.amp: amp`` trains in on ``device_type``.
 
@@ -109,7 +215,7 @@ def resolve(amp: str, device_type: str, hw: Hardware | None = None) -> str:
     if hw is None:
         if device_type == "cuda" and not _cuda_visible():
             return "bf16"  # planned for the cluster's GPUs; verified on the node (check_on_device)
-        hw = hardware(device_type)
+        hw = cuda_hardware() if device_type == "cuda" else planning_cpu_hardware()
     if hw.native_bf16:
         return "bf16"
     if amp == "bf16":
@@ -122,9 +228,7 @@ def resolve(amp: str, device_type: str, hw: Hardware | None = None) -> str:
 
 
 def _cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return cuda_available()
 
 
 def check_on_device(planned: str, amp: str, device_type: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``python -m masking_bench status SUITE.yaml``: each run's state from its record, with SLURM job ids.
+"""``python -m masking_bench status SUITE.yaml``: each run's state from its record, with SLURM job ids;
+``plan SUITE.yaml`` (= ``run --dry-run``): what ``run`` would do with each run, from the same states.
 
 States: done, stale (finished by code that has changed since; the reason names the parts), running,
 pending, failed.
@@ -115,3 +116,94 @@ def format_status(rows: list[dict[str, Any]], suite: str, where: Path, with_slur
     for line in table:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1])
     return "\n".join(line.rstrip() for line in lines)
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+# (row key, column title) of the plan table; cost columns (FLOPs, GPU-hours) are more entries here,
+# their values more keys in plan_rows' dicts
+PLAN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("hash", "run hash"),
+    ("strategy", "strategy"),
+    ("ratio", "ratio"),
+    ("seed", "seed"),
+    ("variant", "grid"),
+    ("state", "state"),
+    ("epochs", "epochs"),
+    ("action", "run would"),
+)
+
+
+_MISSING = object()
+
+
+def _grid_values(spec: RunSpec, axes: list[str]) -> str:
+    """``train.base_lr=0.001, ...``: the spec's value on each grid axis of its suite that is part of
+    its identity (an untrained floor has no training recipe)."""
+    parts = []
+    for dotted in axes:
+        node: Any = spec.identity()
+        for key in dotted.split("."):
+            node = node.get(key, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            parts.append(f"{dotted}={node}")
+    return ", ".join(parts)
+
+
+def plan_rows(
+    specs: list[RunSpec], results: Path, accept_stale: bool = False, grid: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """:func:`run_rows` plus strategy, ratio, seed, grid values and what ``run`` would do (``action``):
+    ``train``/``resume``/``retrain`` (pending, failed, or stale unless ``accept_stale``), ``evaluate``
+    (an untrained floor not done yet), ``skip`` (done) or ``leave`` (running in another process); ``to_train``
+    counts all but the last two. Reads the records only; writes nothing."""
+    rows = run_rows(specs, results)
+    for spec, row in zip(specs, rows, strict=True):
+        done_epochs = int(row["epochs"].split("/")[0]) if row["epochs"] != "-" else 0
+        state = row["state"]
+        if state == "done" or (state == "stale" and accept_stale):
+            action = "skip" + (" (stale accepted)" if state == "stale" else "")
+        elif state == "running":
+            action = "leave (its process trains it)"
+        elif state == "pending" and done_epochs:
+            action = f"resume at epoch {done_epochs}"
+        elif spec.kind == "random_init":
+            action = "evaluate (untrained)"
+        else:
+            action = "retrain" if state == "stale" else "train"
+        row.update(
+            strategy=spec.label,
+            ratio="-" if spec.ratio is None else f"{spec.ratio:g}",
+            seed=spec.seed,
+            variant=_grid_values(spec, grid) if grid else "",
+            action=action,
+            to_train=action.startswith(("train", "resume", "retrain", "evaluate")),
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> list[str]:
+    """Left-aligned text columns, the last one unpadded; a column empty in every row is left out."""
+    shown = [(k, t) for k, t in columns if any(str(r.get(k, "")) for r in rows)]
+    table = [[t for _, t in shown]] + [[str(r.get(k, "")) for k, _ in shown] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(shown))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
+
+
+def format_plan(
+    rows: list[dict[str, Any]],
+    suite: str,
+    where: Path,
+    launcher: str,
+    columns: tuple[tuple[str, str], ...] = PLAN_COLUMNS,
+) -> str:
+    """The plan table and its total line: ``total: N to train, M done``."""
+    trained = [r["state"] for r in rows if r["to_train"]]
+    skipped = sum(r["action"].startswith("skip") for r in rows)
+    running = sum(r["state"] == "running" for r in rows)
+    head = f"plan for suite '{suite}': {len(rows)} runs -> {where} (launcher: {launcher}); nothing trained or written"
+    detail = ", ".join(f"{trained.count(s)} {s}" for s in ("pending", "failed", "stale") if trained.count(s))
+    total = f"total: {len(trained)} to train" + (f" ({detail})" if detail else "") + f", {skipped} done"
+    if running:
+        total += f", {running} running elsewhere"
+    return "\n".join([head, *format_table(rows, columns), total])

@@ -1,8 +1,9 @@
 """Run records on disk: one folder per run hash, atomic writes, an exclusive lock, and a status file.
 
-Finished runs can also be archived as compact records (config, metrics, summary; no checkpoint) in
-``<results>/records/<suite>/<hash>/``, which are committed to git: a run found there counts as done,
-so a study resumes on another machine by running only what is missing.
+Finished runs of a suite that sets ``archive: true`` are also archived as compact records (config,
+metrics, summary; no checkpoint) in ``<results>/records/<suite>/<hash>/``, which are committed to git:
+a run found there counts as done, so a study resumes on another machine by running only what is
+missing. Other suites' runs stay in ``runs/`` (git-ignored); records already archived are read either way.
 
 ``<results>/runs/<suite>/<hash>/`` holds ``config.yaml`` (the resolved run), ``metrics.jsonl`` (one
 line per epoch), ``summary.json`` (final metrics, wall time, versions, git commit), ``status.json``
@@ -169,6 +170,8 @@ class RunRecord:
         self.root = Path(root)
         self.dir = inside(root, Path(root) / "runs" / spec.suite / spec.run_hash)
         self.archive_dir = inside(root, Path(root) / "records" / spec.suite / spec.run_hash)
+        self._tracker = None  # the suite's experiment loggers (masking_bench/tracking.py), opened on demand
+        self._tracker_open = False
 
     # ---- paths
     @property
@@ -240,6 +243,8 @@ class RunRecord:
     def set_status(self, state: str, **extra: Any) -> None:
         if state not in STATES:
             raise ValueError(f"run status '{state}' is not one of {', '.join(STATES)}")
+        if state != "running":
+            self.close_tracker()
         write_json(
             self.status_path,
             {
@@ -279,14 +284,48 @@ class RunRecord:
         return read_jsonl(path)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one epoch; the file is rewritten atomically so a kill never leaves half a line."""
+        """Append one epoch; the file is rewritten atomically so a kill never leaves half a line. Then the
+        row goes to the loggers the suite switched on (``logging``; masking_bench/tracking.py)."""
         rows = [r for r in self.read_metrics() if r.get("epoch") != row.get("epoch")] + [row]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        if not self._tracker_open:  # appended without a training start (truncate_metrics): replay the rest
+            self._open_tracker([r for r in rows if r is not row])
+        if self._tracker is not None:
+            try:
+                self._tracker.log(row)
+            except Exception as exc:  # a logger never stops training: metrics.jsonl has the row
+                warn(f"run {self.spec.run_hash}: experiment logging failed ({type(exc).__name__}: {exc}); it is off")
+                self.close_tracker()
 
     def truncate_metrics(self, epochs_done: int) -> None:
-        """Forget epochs a resume will redo (those after the last checkpoint) and any damaged line."""
+        """Forget epochs a resume will redo (those after the last checkpoint) and any damaged line.
+        The trainer calls this when training (re)starts: the suite's loggers open here, so a missing
+        logger package fails the run before its first epoch."""
         rows = [r for r in self.read_metrics() if isinstance(r.get("epoch"), int) and r["epoch"] < epochs_done]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        self.close_tracker()
+        self._open_tracker(rows)
+
+    def _open_tracker(self, rows: list[dict[str, Any]]) -> None:
+        """Start the suite's loggers on this run, primed with ``rows`` (already in metrics.jsonl)."""
+        from .tracking import open_tracker
+
+        self._tracker_open = True
+        try:
+            self._tracker = open_tracker(self, rows)
+        except BenchError:  # an enabled logger is not installed: one line, before any training
+            raise
+        except Exception as exc:  # anything else never stops training: metrics.jsonl is the record
+            warn(f"run {self.spec.run_hash}: experiment logging could not start ({type(exc).__name__}: {exc}); off")
+
+    def close_tracker(self) -> None:
+        """Flush and close the run's loggers (done, failed or interrupted); the next row reopens them."""
+        tracker, self._tracker, self._tracker_open = self._tracker, None, False
+        if tracker is not None:
+            try:
+                tracker.close()
+            except Exception as exc:
+                warn(f"run {self.spec.run_hash}: closing the experiment loggers failed ({type(exc).__name__}: {exc})")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary_path, summary)
@@ -337,8 +376,11 @@ class RunRecord:
         atomic_write_text(dest / "REASON", reason + "\n")
         return dest
 
-    def archive(self) -> bool:
-        """Copy the compact files of a finished live run to ``records/``; False if not finished."""
+    def archive(self, force: bool = False) -> bool:
+        """Copy the compact files of a finished live run to ``records/``; False if not finished, or if
+        its suite does not ask for it (``archive: true``) and ``force`` is not given."""
+        if not (self.spec.archive or force):
+            return False
         live_done = self.status().get("state") == "done" and self._live_summary() is not None
         if not live_done or not self.is_done():
             return False
@@ -398,10 +440,11 @@ def iter_records(
 
 
 def archive_suite(root: Path, suite: str | None = None) -> list[str]:
-    """Archive every finished live run (of ``suite``) as compact records; returns their hashes."""
+    """Archive every finished live run (of ``suite``) as compact records, whatever the suite's ``archive``
+    flag (an explicit request); returns their hashes."""
     done = []
     for run_dir, spec in iter_records(root, suite):
-        if run_dir.parent.parent.name == "runs" and RunRecord(root, spec).archive():
+        if run_dir.parent.parent.name == "runs" and RunRecord(root, spec).archive(force=True):
             done.append(spec.run_hash)
     return done
 

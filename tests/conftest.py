@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ import yaml
 
 THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = THREADS  # inherited by CLI subprocesses
+# the start-up catalog (masking_bench/catalog.py) of the tests stays out of the user's own cache;
+# shared by the test workers, keyed by file contents like any catalog
+os.environ.setdefault("MASKING_BENCH_CACHE", str(Path(tempfile.gettempdir()) / f"masking_bench_tests_{os.getuid()}"))
 
 
 def pytest_configure(config):

@@ -37,7 +37,11 @@ def outcomes(tmp_path_factory):
         "ratios": [0.75],
         "data": {"name": "synthetic"},
         "train": {"epochs": 0},
-        "eval": {"random_init": False, "probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}},
+        "eval": {
+            "random_init": False,
+            "low_shot": None,
+            "probe": {"epochs": 1, "train_subset": 128, "test_subset": 64},
+        },
     }
     procs["elsewhere"] = popen_cli(
         "run", write_suite(tmp, tiny, "elsewhere"), "--no-progress", "--results", elsewhere / "results", cwd=elsewhere

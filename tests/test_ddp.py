@@ -73,7 +73,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, strategy):
             "strategies": [strategy],
             "ratios": [0.75],
             "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5},
-            "eval": {"random_init": False, "probe": {"epochs": 2}},
+            "eval": {"random_init": False, "low_shot": None, "probe": {"epochs": 2}},
         }
     )
     (spec,) = expand(suite)

@@ -281,7 +281,7 @@ def test_evaluate_encoder_only_requested_protocols(fashion, fresh_model):
     out = evaluate_encoder(
         fresh_model("mae"),
         fashion,
-        EvalConfig(probe=ProbeConfig(test_subset=100)),
+        EvalConfig(probe=ProbeConfig(test_subset=100), low_shot=None),
         seed=0,
         device="cpu",
         protocols=("low_shot",),

@@ -30,6 +30,7 @@ def suite(finetune: dict, **eval_extra) -> dict:
         "eval": {
             "probe": {"train_subset": 512, "test_subset": 1000},
             "random_init": False,
+            "low_shot": None,
             "finetune": {"enabled": True, **finetune},
             **eval_extra,
         },

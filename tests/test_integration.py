@@ -38,7 +38,8 @@ def tiny_suite(name: str, strategies, epochs: int, train_subset: int = 2048, ran
         "ratios": [0.75],
         "seeds": [0],
         "train": {"epochs": epochs, "batch_size": 256, "warmup_epochs": 0.5},
-        "eval": {"probe": dict(PROBE), "random_init": random_init},
+        "eval": {"probe": dict(PROBE), "low_shot": None, "random_init": random_init},
+        "archive": True,  # the compact copy in records/ is checked
     }
 
 

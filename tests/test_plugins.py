@@ -126,7 +126,7 @@ def test_plugin_by_path_in_a_suite_run(tmp_path):
         ratios: [0.75]
         plugins: [mine.py]
         train: {{epochs: 1, batch_size: 64}}
-        eval: {{random_init: false, probe: {{epochs: 2}}}}
+        eval: {{random_init: false, low_shot: null, probe: {{epochs: 2}}}}
     """)
     )
     proc = subprocess.run(

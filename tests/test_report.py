@@ -261,7 +261,11 @@ def test_cli_report(tmp_path, capsys):
     write_records(tmp_path, _suite(name="c", ratios=[0.6, 0.8], seeds=[0], strategies=["random", "block"]))
     assert main(["report", "--results", str(tmp_path), "--suite", "c", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr()
-    assert out.out.startswith("# masking_bench report") and "o/report.md" in out.err
+    # a short summary (the first sentence, the summary bullets, the files written), not the whole report
+    report_md = (tmp_path / "o" / "report.md").read_text()
+    assert out.out.startswith("Generated from ") and "Summary:\n- best on **probe**" in out.out
+    assert "o/report.md (the full report)" in out.out and "o/report.md" in out.err
+    assert len(out.out.splitlines()) < len(report_md.splitlines()) and "## Noise floor" not in out.out
     assert main(["report", "--results", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: no finished runs under")

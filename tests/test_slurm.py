@@ -31,7 +31,7 @@ MICRO = {
     "preset": "cpu-tiny",
     "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2},
 }
-TINY_EVAL = {"probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}, "random_init": False}
+TINY_EVAL = {"probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}, "low_shot": None, "random_init": False}
 LAUNCHER = {"kind": "slurm", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 15}
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
 

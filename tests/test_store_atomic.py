@@ -18,7 +18,7 @@ from masking_bench.store import RunRecord
 
 @pytest.fixture
 def record(tiny_suite, results_dir):
-    spec = next(s for s in expand(parse_suite(tiny_suite)) if s.kind == "pretrain")
+    spec = next(s for s in expand(parse_suite({**tiny_suite, "archive": True})) if s.kind == "pretrain")
     return RunRecord(results_dir, spec)
 
 

@@ -117,6 +117,38 @@ COLUMNS: dict[str, list[str]] = {
         "rauc_norm",
         "note",
     ],
+    "budget_gap": CELL + ["protocol", "epoch", "seeds", "gap_mean", "gap_ci_low", "gap_ci_high", "outside_noise"],
+    "budget_ranks": SETTING + ["ratio", "protocol", "epoch", "strategy", "seeds", "top1_mean", "rank"],
+    "ranking_stability": SETTING
+    + [
+        "ratio",
+        "protocol",
+        "epoch",
+        "last_epoch",
+        "strategies",
+        "seeds",
+        "kendall_tau",
+        "tau_ci_low",
+        "tau_ci_high",
+        "best",
+        "best_at_last",
+        "p_best_stays_best",
+    ],
+    "verdicts": ["claim", "paper", "statement"]
+    + SETTING
+    + [
+        "strategy",
+        "baseline",
+        "protocol",
+        "headline",
+        "measure",
+        "images_seen",
+        "seeds",
+        "delta_mean",
+        "delta_ci_low",
+        "delta_ci_high",
+        "verdict",
+    ],
     "compute": CELL
     + ["seeds"]
     + [f"{metric}_{stat}" for metric in COMPUTE_METRICS for stat in ("mean", "std")]

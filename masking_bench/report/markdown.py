@@ -7,11 +7,16 @@ of records or table rows) and is only formatted. The columns are explained in do
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pandas as pd
 
+from .budget_markdown import budget_sections, verdict_section
 from .columns import DELTAS
+from .formatting import code_list as _labels
+from .formatting import interval as _interval
+from .formatting import md_table as _table
+from .formatting import number as _number
+from .formatting import ratio_text as _ratio
 from .plots import PLOTS
 from .records import BASELINE, FLOOR, SETTING, Records, in_setting, setting_label
 from .tables import Tables
@@ -64,46 +69,6 @@ COMPUTE_HEADERS = [
     "plan share",
     "realised ratio",
 ]
-
-
-# ------------------------------------------------------------------------------------ formatting
-
-
-def _number(value: Any, digits: int = 2, signed: bool = False) -> str:
-    """``value`` with ``digits`` decimals (a sign when ``signed``); – when missing or not finite."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return "–"
-    if not math.isfinite(x):
-        return "–"
-    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-
-
-def _interval(low: Any, high: Any, digits: int = 2) -> str:
-    """`` [low, high]``, or nothing when either end is missing."""
-    low_text, high_text = _number(low, digits), _number(high, digits)
-    return "" if "–" in (low_text, high_text) else f" [{low_text}, {high_text}]"
-
-
-def _ratio(value: Any) -> str:
-    return "–" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{value:g}"
-
-
-def _labels(names: list[str]) -> str:
-    return ", ".join(f"`{name}`" for name in names)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    if not rows:
-        return "_(no rows)_\n"
-
-    def escape(cell: Any) -> str:
-        return str(cell).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(escape(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -220,7 +185,7 @@ def _plots(plot_notes: dict[str, str | None]) -> list[str]:
     lines = ["## Plots", ""]
     for name, title in PLOTS.items():
         note = plot_notes.get(name)
-        shown = f"_plot skipped: {note}_" if note else f"![{title}](plots/{name}.png)"
+        shown = f"_plot skipped: {note}_" if note else f"![{title}](plots/{name}.png)\n\n[PDF](plots/{name}.pdf)"
         lines += [f"### {title}", "", shown, ""]
     return lines
 
@@ -320,12 +285,14 @@ def _compute(tables: Tables, setting: tuple) -> str:
 
 def render(records: Records, tables: Tables, plot_notes: dict[str, str | None]) -> str:
     """The text of ``report.md``: header, summary, noise floor, plots, then the tables of each setting."""
-    lines = _header(records) + _summary(records, tables) + _noise_floor(tables) + _plots(plot_notes)
+    lines = _header(records) + _summary(records, tables) + verdict_section(tables) + _noise_floor(tables)
+    lines += _plots(plot_notes)
     many = len(tables.settings) > 1
     for setting in tables.settings:
         heading = f" — {setting_label(setting)}" if many else ""
         lines += [f"## Accuracy{heading}", "", ACCURACY_NOTE, "", _accuracy(records, tables, setting)]
         lines += [f"## Ratio robustness{heading}", "", ROBUSTNESS_NOTE, "", _robustness(tables, setting)]
         lines += [f"## Convergence{heading}", "", CONVERGENCE_NOTE, "", _convergence(tables, setting)]
+        lines += budget_sections(tables, setting, heading)
         lines += [f"## Compute{heading}", "", "Means over seeds.", "", _compute(tables, setting)]
     return "\n".join(lines).rstrip() + "\n"

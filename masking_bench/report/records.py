@@ -192,6 +192,7 @@ def _run_row(spec: RunSpec, identity: dict[str, Any], summary: dict[str, Any], e
         "realised_mask_ratio": float(np.mean(realised_ratios)) if realised_ratios else math.nan,
         "params_encoder": _number_or_nan(summary.get("params_encoder")),
         "final_loss": _number_or_nan(summary.get("final_loss", last_loss)),
+        "images_seen": sum(_finite_values(epoch_rows, "images")) if pretrain else 0.0,
     }
     if not pretrain:
         for key in _PRETRAIN_ONLY:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics
+from .budgets import gap_table, ranking_tables, verdict_table
 from .columns import COLUMNS, COMPUTE_METRICS, DELTAS, LEGACY_METRICS, legacy_columns, legacy_protocols, ordered
 from .records import CELL, FLOOR, SETTING, Records, in_setting, protocol_sort_key
 from .robustness import robustness_tables
@@ -247,6 +248,10 @@ class Tables:
     robustness_seeds: pd.DataFrame  # per seed: Global PIMR (the dots of the PIMR plot)
     seed_curves: pd.DataFrame  # per seed: top-1 over epochs, starting at the untrained encoder
     convergence: pd.DataFrame
+    budget_gap: pd.DataFrame  # per cell, protocol and evaluated epoch: trained minus untrained, paired by seed
+    budget_ranks: pd.DataFrame  # per setting, ratio, protocol and epoch: each strategy's rank
+    ranking_stability: pd.DataFrame  # Kendall's tau of each epoch's ranking against the last epoch's
+    verdicts: pd.DataFrame  # per claim of the three papers, setting and protocol: paired delta and verdict
     compute: pd.DataFrame
     legacy_leaderboard: pd.DataFrame
     settings: list[tuple]  # pre-training settings, sorted: one block per setting in plots and report.md
@@ -267,6 +272,7 @@ def build_tables(records: Records) -> Tables:
     ratio_robustness, pimr_by_ratio, robustness_seeds = robustness_tables(records)
     curves = seed_curves(records)
     settings = pretraining_settings(accuracy)
+    budget_ranks, ranking_stability = ranking_tables(curves, records.baselines)
     return Tables(
         accuracy=accuracy,
         noise_floor=noise_floor_table(records),
@@ -275,6 +281,10 @@ def build_tables(records: Records) -> Tables:
         robustness_seeds=robustness_seeds,
         seed_curves=curves,
         convergence=convergence_table(records, curves),
+        budget_gap=gap_table(curves, records.baselines),
+        budget_ranks=budget_ranks,
+        ranking_stability=ranking_stability,
+        verdicts=verdict_table(records, curves, settings),
         compute=compute_table(records),
         legacy_leaderboard=legacy_leaderboard(records),
         settings=settings,
