@@ -26,22 +26,12 @@ from typing import Any
 
 import torch
 
+from . import _API
 from .config import DataConfig, RunSpec, Suite
 from .errors import BenchError
 from .masking import MaskingStrategy, MaskPlan, load_plugin
 
-__all__ = [
-    "BenchError",
-    "Encoder",
-    "build_strategy",
-    "load_encoder",
-    "load_images",
-    "load_plugin",
-    "load_suite",
-    "plan_masks",
-    "records",
-    "run",
-]
+__all__ = list(_API)  # the names the package re-exports on first use (masking_bench/__init__.py)
 
 AFTER_WARMUP = 10**9  # default planning epoch: past any strategy's warm-up (as the `masks` command)
 _ID_COLUMNS = ["suite", "kind", "strategy", "strategy_name", "ratio", "seed", "run_hash", "variant"]

@@ -1,4 +1,5 @@
-"""The command line: ``run``, ``plan``, ``status``, ``certify``, ``report``, ``masks``, ``list``, ``export``, ``bench``.
+"""The command line: ``run``, ``plan``, ``status``, ``certify``, ``report``, ``masks``, ``list``, ``export``,
+``prepare``, ``bench``.
 
 Errors are one line on stderr and exit status 2.
 """
@@ -53,12 +54,19 @@ def _prepare(args):
 
 def _cmd_plan(args) -> int:
     """Every run `run` would consider, its state and what `run` would do; trains and writes nothing."""
-    from .status import format_plan, plan_rows
+    from .status import add_costs, format_plan, plan_rows
 
     suite, launcher, specs = _prepare(args)
     _warn_legacy(args.results, suite.name)
     rows = plan_rows(specs, args.results, accept_stale=args.accept_stale, grid=list(suite.grid))
-    print(format_plan(rows, suite.name, args.results / "runs" / suite.name, launcher))
+    tflops, mfu = getattr(args, "gpu_tflops", None), getattr(args, "mfu", None)
+    footer = None
+    if getattr(args, "cost", False) or tflops is not None or mfu is not None:  # never reads the dataset
+        if (tflops is not None and tflops <= 0) or (mfu is not None and not 0 < mfu <= 1):
+            raise BenchError("--gpu-tflops must be > 0 and --mfu in (0, 1]")
+        world = suite.launcher.tasks_per_node if launcher == "slurm" else 1
+        footer = add_costs(rows, specs, world, tflops, mfu, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_plan(rows, suite.name, args.results / "runs" / suite.name, launcher, footer=footer))
     return 0
 
 
@@ -284,6 +292,18 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_prepare(args) -> int:
+    """Decode the suite's datasets once into the shared prepared cache (masking_bench.prepared)."""
+    from .prepared import prepare_suite
+
+    if args.workers is not None and args.workers < 1:
+        raise BenchError(f"--workers must be >= 1, got {args.workers}")
+    for prep, wrote, seconds in prepare_suite(args.suite, args.results, args.workers, not args.no_progress):
+        rate = f"{prep.count / seconds:.0f} img/s" if wrote else "already prepared"
+        print(f"{prep.folder}  {prep.count} images  {prep.disk_bytes() / 1e6:.1f} MB  {rate} ({seconds:.1f} s)")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     import json
 
@@ -350,6 +370,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="print the plan (as `plan` does) and stop")
     run.set_defaults(func=_cmd_run)
+    pln.add_argument(
+        "--cost",
+        action="store_true",
+        help="add cost estimates per run: GFLOP per image, PFLOP, GPU-hours, peak memory per GPU, data size "
+        "(measures a fresh model of each run's shape on CPU; reads no dataset)",
+    )
+    pln.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=None,
+        metavar="T",
+        help="peak TFLOP/s of one GPU for the GPU-hours (implies --cost; default 312, an A100's bf16 dense peak)",
+    )
+    pln.add_argument(
+        "--mfu",
+        type=float,
+        default=None,
+        metavar="F",
+        help="assumed model-FLOPs utilisation in (0, 1] (implies --cost; default 0.4)",
+    )
     pln.set_defaults(func=_cmd_plan)
 
     cer = sub.add_parser(
@@ -423,6 +463,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", choices=("mean", "cls"), default=None, help="features as eval.pool (default: the run's eval.pool)"
     )
     exp.set_defaults(func=_cmd_export)
+
+    pre = sub.add_parser("prepare", help="decode a suite's datasets once into the shared on-disk cache")
+    pre.add_argument("suite", type=Path, help="suite YAML")
+    pre.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="cache in RESULTS/prepared unless $MASKING_BENCH_PREPARED is set (default: results)",
+    )
+    pre.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=_cmd_prepare)
 
     ben = sub.add_parser("bench", help="speed figures of this machine (training step, FLOP/s, planning, data, eval)")
     ben.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")

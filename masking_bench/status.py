@@ -1,5 +1,6 @@
 """``python -m masking_bench status SUITE.yaml``: each run's state from its record, with SLURM job ids;
-``plan SUITE.yaml`` (= ``run --dry-run``): what ``run`` would do with each run, from the same states.
+``plan SUITE.yaml`` (= ``run --dry-run``): what ``run`` would do with each run, from the same states;
+``plan --cost`` adds each run's FLOPs, GPU-hours and memory per GPU (masking_bench/plan_cost.py).
 
 States: done, stale (finished by code that has changed since; the reason names the parts), running,
 pending, failed.
@@ -120,8 +121,8 @@ def format_status(rows: list[dict[str, Any]], suite: str, where: Path, with_slur
 
 # ------------------------------------------------------------------------------------------- plan
 
-# (row key, column title) of the plan table; cost columns (FLOPs, GPU-hours) are more entries here,
-# their values more keys in plan_rows' dicts
+# (row key, column title) of the plan table; the cost columns stay empty, hence hidden, unless
+# add_costs filled them (``plan --cost``; masking_bench/plan_cost.py)
 PLAN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("hash", "run hash"),
     ("strategy", "strategy"),
@@ -130,6 +131,10 @@ PLAN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("variant", "grid"),
     ("state", "state"),
     ("epochs", "epochs"),
+    ("gflops", "GFLOP/img"),
+    ("pflop", "PFLOP"),
+    ("gpu_h", "GPU-h"),
+    ("mem_gb", "mem/GPU"),
     ("action", "run would"),
 )
 
@@ -182,6 +187,30 @@ def plan_rows(
     return rows
 
 
+def add_costs(
+    rows: list[dict[str, Any]],
+    specs: list[RunSpec],
+    world: int = 1,
+    gpu_tflops: float | None = None,
+    mfu: float | None = None,
+    log=None,
+) -> list[str]:
+    """Fill each plan row's cost columns (FLOPs per image, PFLOP, GPU-hours, peak memory per GPU) and
+    return the footer lines that total them and state what is counted (masking_bench/plan_cost.py).
+    ``world``: DDP processes sharing one run's batch; ``log``: called before each slow measurement."""
+    from .plan_cost import DEFAULT_GPU_TFLOPS, DEFAULT_MFU, Estimator, cost_footer
+
+    tflops = DEFAULT_GPU_TFLOPS if gpu_tflops is None else gpu_tflops
+    mfu = DEFAULT_MFU if mfu is None else mfu
+    estimator = Estimator(log=log)
+    try:
+        for spec, row in zip(specs, rows, strict=True):
+            row.update(estimator.run_cost(spec, world, tflops, mfu))
+    finally:
+        estimator.save()
+    return cost_footer(rows, specs, world, tflops, mfu)
+
+
 def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> list[str]:
     """Left-aligned text columns, the last one unpadded; a column empty in every row is left out."""
     shown = [(k, t) for k, t in columns if any(str(r.get(k, "")) for r in rows)]
@@ -196,8 +225,9 @@ def format_plan(
     where: Path,
     launcher: str,
     columns: tuple[tuple[str, str], ...] = PLAN_COLUMNS,
+    footer: list[str] | None = None,
 ) -> str:
-    """The plan table and its total line: ``total: N to train, M done``."""
+    """The plan table and its total line: ``total: N to train, M done``; then ``footer`` (the costs)."""
     trained = [r["state"] for r in rows if r["to_train"]]
     skipped = sum(r["action"].startswith("skip") for r in rows)
     running = sum(r["state"] == "running" for r in rows)
@@ -206,4 +236,4 @@ def format_plan(
     total = f"total: {len(trained)} to train" + (f" ({detail})" if detail else "") + f", {skipped} done"
     if running:
         total += f", {running} running elsewhere"
-    return "\n".join([head, *format_table(rows, columns), total])
+    return "\n".join([head, *format_table(rows, columns), total, *(footer or [])])

@@ -15,7 +15,7 @@ from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from test_report import PNG_SIGNATURE, _suite, write_records  # noqa: E402
 
-from masking_bench.report import build_tables, collect  # noqa: E402
+from masking_bench.report import build_tables, collect, write_report  # noqa: E402
 from masking_bench.report.labels import place_labels  # noqa: E402
 from masking_bench.report.palette import (  # noqa: E402
     BUILTIN_ORDER,
@@ -213,3 +213,14 @@ def test_report_md_links_png_and_pdf():
     text = "\n".join(_plots(dict.fromkeys(PLOTS) | {"pimr": "needs two ratios"}))
     for name in PLOTS:
         assert (f"plots/{name}.png" in text and f"plots/{name}.pdf" in text) == (name != "pimr"), name
+
+
+def test_a_strategy_at_fewer_ratios_does_not_break_the_plots(tmp_path):
+    """As in the ladder study: `block` only at 0.75 while `random` and `sbam` sweep two ratios; every
+    plot still renders (seaborn leaves empty markers for a strategy a facet lacks)."""
+    suite = _suite(strategies=("random", {"name": "block", "ratios": [0.75]}, "sbam"), ratios=(0.75, 0.9))
+    write_records(tmp_path, suite)
+    write_report(tmp_path)
+    for name in ("accuracy_vs_ratio", "convergence", "pimr", "pareto"):
+        for fmt in ("png", "pdf"):
+            assert (tmp_path / "plots" / f"{name}.{fmt}").stat().st_size > 1000, (name, fmt)

@@ -150,7 +150,9 @@ def test_csvs_have_documented_columns(report):
         df = pd.read_csv(path)
         assert list(df.columns) == cols, name
         assert docs[f"leaderboards/{name}.csv"] == cols, f"docs/report_columns.md out of date for {name}"
-        assert len(df) > 0, name
+        # the fixture sweeps 0.5/0.7/0.9, none of the papers' claims (read at 0.75 / 0.9) can be measured:
+        # verdicts.csv is then empty; tests/test_budgets.py checks its rows
+        assert len(df) > 0 or name == "verdicts", name
     legacy = pd.read_csv(out / "leaderboard.csv")
     assert list(legacy.columns) == legacy_columns(["probe", "knn"])
     generic = [re.sub(r"^\w+_top1_(mean|std)$", r"<protocol>_top1_\1", c) for c in legacy.columns]

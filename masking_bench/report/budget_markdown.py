@@ -23,12 +23,12 @@ GAP_NOTE = (
 )
 STABILITY_NOTE = (
     "Each budget is an evaluation after that epoch of the runs' own schedule, not a separate shorter "
-    "run: the learning rate has not yet decayed there, so absolute top-1 is a little lower than a "
-    "run of that length would reach, but every strategy shares the schedule, the data order and "
-    "the evaluation, so their *order* at each budget is a same-compute comparison. τ = Kendall's τ "
-    "between the ranking at that budget and at the last one (95 % bootstrap interval over seeds, every "
-    "resample enumerated); P(best) = share of resamples in which the best strategy at that budget is "
-    "also best at the last."
+    "run, so its absolute top-1 differs from what a run of that length would reach (by about one probe "
+    'point for `random`: README "The ladder study"). Every strategy shares the schedule, the data order '
+    "of each seed and the evaluation, so their *order* at a budget is a same-compute comparison. "
+    "τ = Kendall's τ between the ranking at that budget and at the last one (95 % bootstrap interval "
+    "over seeds, every resample enumerated); P(best) = share of resamples in which the best strategy "
+    "at that budget is also best at the last."
 )
 
 

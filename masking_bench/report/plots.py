@@ -82,6 +82,17 @@ def _t_ci(values) -> tuple[float, float]:
     return stats.ci_low, stats.ci_high
 
 
+def _drop_missing_points(grid) -> None:
+    """Remove the empty markers seaborn leaves for a strategy that a facet lacks (masked offsets,
+    which a categorical axis cannot draw): e.g. a suite whose strategies do not all sweep the ratio."""
+    for ax in grid.axes.flat:
+        for collection in ax.collections:
+            offsets = collection.get_offsets()
+            if np.ma.isMaskedArray(offsets) and np.ma.getmaskarray(offsets).any():
+                keep = ~np.ma.getmaskarray(offsets).any(axis=1)
+                collection.set_offsets(np.asarray(offsets[keep]))
+
+
 def _dodge(strategies: Sequence[str]) -> float | bool:
     """seaborn ``dodge=``: strategies spread over half the gap between x values (one strategy: none)."""
     return 0.5 if len(strategies) > 1 else False
@@ -159,12 +170,32 @@ class _Plotter:
         fig.set_layout_engine("constrained", h_pad=0.04, w_pad=0.04)
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 8), frameon=False)
 
+    def _top1_points(self, data: pd.DataFrame, names: dict, strategies: list[str], x: str, **size):
+        """Seed-mean top-1 against ``x`` per strategy: dodged points with the 95 % t interval as error bars."""
+        import seaborn as sns
+
+        return sns.catplot(
+            data=data,
+            kind="point",
+            x=x,
+            y="top1",
+            native_scale=True,
+            dodge=_dodge(strategies),
+            errorbar=_top1_ci,
+            capsize=0.08,
+            markers=[self.styles[s].marker for s in strategies],
+            linewidth=1.1,
+            err_kws={"linewidth": 0.9},
+            sharey=False,
+            **size,
+            **self._grid_args(names, strategies),
+        )
+
     def _present(self, data: pd.DataFrame) -> list[str]:
         return strategy_order(s for s in data["strategy"].unique() if s in self.styles)
 
     # ---- top-1 vs masking ratio: a panel per protocol, a line per strategy, the untrained floor dashed
     def make_accuracy_vs_ratio(self):
-        import seaborn as sns
         from matplotlib.lines import Line2D
 
         scores = self.records.scores
@@ -179,24 +210,7 @@ class _Plotter:
             return "no pre-training runs with an evaluation"
         data, names = self._panels(scores, panels)
         strategies = self._present(data)
-        grid = sns.catplot(
-            data=data,
-            kind="point",
-            x="ratio",
-            y="top1",
-            native_scale=True,
-            dodge=_dodge(strategies),
-            errorbar=_top1_ci,
-            capsize=0.08,
-            markers=[self.styles[s].marker for s in strategies],
-            markersize=4.5,
-            linewidth=1.1,
-            err_kws={"linewidth": 0.9},
-            height=2.3,
-            aspect=1.3,
-            sharey=False,
-            **self._grid_args(names, strategies),
-        )
+        grid = self._top1_points(data, names, strategies, x="ratio", markersize=4.5, height=2.3, aspect=1.3)
         floor_seen = False
         for name, ax in grid.axes_dict.items():
             panel = names[name]
@@ -219,7 +233,6 @@ class _Plotter:
 
     # ---- top-1 over pre-training epochs: a panel per protocol evaluated at > 2 epochs and ratio
     def make_convergence(self):
-        import seaborn as sns
         from matplotlib.ticker import MaxNLocator
 
         curves = self.tables.seed_curves
@@ -241,24 +254,7 @@ class _Plotter:
             return f"no protocol evaluated at {MIN_CONVERGENCE_EPOCHS} or more epochs (including the untrained start)"
         data, names = self._panels(curves, panels)
         strategies = self._present(data)
-        grid = sns.catplot(
-            data=data,
-            kind="point",
-            x="epoch",
-            y="top1",
-            native_scale=True,
-            dodge=_dodge(strategies),
-            errorbar=_top1_ci,
-            capsize=0.08,
-            markers=[self.styles[s].marker for s in strategies],
-            markersize=4,
-            linewidth=1.1,
-            err_kws={"linewidth": 0.9},
-            height=2.2,
-            aspect=1.35,
-            sharey=False,
-            **self._grid_args(names, strategies),
-        )
+        grid = self._top1_points(data, names, strategies, x="epoch", markersize=4, height=2.2, aspect=1.35)
         for ax in grid.axes.flat:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self._finish(
@@ -310,7 +306,7 @@ class _Plotter:
         position = {s: i for i, s in enumerate(strategies)}
         for name, ax in grid.axes_dict.items():
             ax.axvline(0, color="0.3", lw=0.8, zorder=0)
-            panel_seeds = seeds[seeds["panel"] == name]
+            panel_seeds = seeds[(seeds["panel"] == name) & seeds["strategy"].isin(position)]
             for strategy, rows in panel_seeds.groupby("strategy", sort=False):
                 values = rows.sort_values("seed")["global_pimr"].to_numpy(float)
                 spread = np.linspace(-0.22, 0.22, len(values)) if len(values) > 1 else np.zeros(1)
@@ -425,7 +421,10 @@ def make_figure(name: str, records: Records, tables: Tables):
     import matplotlib
 
     with matplotlib.rc_context(_style()):
-        return getattr(_Plotter(records, tables), f"make_{name}")()
+        grid = getattr(_Plotter(records, tables), f"make_{name}")()
+    if not isinstance(grid, str):
+        _drop_missing_points(grid)
+    return grid
 
 
 def figure_bytes(fig, fmt: str) -> bytes:
