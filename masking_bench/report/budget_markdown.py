@@ -43,8 +43,8 @@ def verdict_section(tables: Tables) -> list[str]:
     headline = tables.verdicts[tables.verdicts["headline"]]
     if headline.empty:
         return []
-    settings = sorted({tuple(row) for row in headline[SETTING].itertuples(index=False)}, key=lambda s: s[4])
-    settings.reverse()  # the longest budget first
+    images = headline.groupby(SETTING)["images_seen"].max()
+    settings = sorted(images.index, key=lambda s: (-images[s], s))  # the longest budget first
     headers = ["paper", "claim", "protocol", "measure"]
     for setting in settings:
         rows = in_setting(headline, setting)
