@@ -5,6 +5,8 @@ number comes from :mod:`.budgets`' tables (columns in docs/report_columns.md, "B
 
 from __future__ import annotations
 
+import math
+
 from .budgets import CLAIMS, MEASURES
 from .formatting import interval, md_table, number, ratio_text
 from .records import BASELINE, SETTING, in_setting, protocol_sort_key, setting_label
@@ -33,7 +35,7 @@ STABILITY_NOTE = (
 
 
 def _budget(images: float, epochs: float) -> str:
-    if not images == images:  # NaN: no epoch rows recorded
+    if math.isnan(images):  # no epoch rows recorded
         return f"{epochs:g} ep"
     return f"{images / 1000:.0f}k images ({epochs:g} ep)"
 

@@ -19,7 +19,7 @@ from scipy import stats
 
 from .. import metrics
 from .columns import COLUMNS, ordered
-from .records import CELL, FLOOR, SETTING, Records, protocol_sort_key
+from .records import BASELINE, CELL, FLOOR, SETTING, Records, in_setting, protocol_sort_key
 
 EXACT_BOOTSTRAP_SEEDS = 6  # up to this many seeds every resample is enumerated (n^n), else a seeded draw
 BOOTSTRAP_DRAWS = 4000
@@ -227,23 +227,17 @@ def _claim_delta(claim: Claim, scores: pd.DataFrame, curves: pd.DataFrame, basel
 
 def verdict_table(records: Records, curves: pd.DataFrame, settings: list[tuple]) -> pd.DataFrame:
     """Per claim, setting and protocol: the paired Δ with its 95 % t-interval over seeds and the verdict."""
+    pretrained_scores = records.scores[records.scores["kind"] == "pretrain"]
     pretrained_runs = records.runs[records.runs["kind"] == "pretrain"]
     rows = []
-    for claim in CLAIMS:
-        for setting in settings:
-            names = dict(zip(SETTING, setting, strict=True))
-            baseline = records.baselines.get(names["suite"], "random")
-            in_setting = np.ones(len(records.scores), dtype=bool)
-            curve_rows = np.ones(len(curves), dtype=bool)
-            for column, value in names.items():
-                in_setting &= (records.scores[column] == value).to_numpy()
-                curve_rows &= (curves[column] == value).to_numpy()
-            scores = records.scores[in_setting & (records.scores["kind"] == "pretrain").to_numpy()]
-            setting_curves = curves[curve_rows]
-            runs = pretrained_runs
-            for column, value in names.items():
-                runs = runs[runs[column] == value]
-            images = runs["images_seen"].median() if len(runs) else math.nan
+    for setting in settings:
+        names = dict(zip(SETTING, setting, strict=True))
+        baseline = records.baselines.get(names["suite"], BASELINE)
+        scores = in_setting(pretrained_scores, setting)
+        setting_curves = in_setting(curves, setting)
+        runs = in_setting(pretrained_runs, setting)
+        images = runs["images_seen"].median() if len(runs) else math.nan
+        for claim in CLAIMS:
             for protocol in sorted(scores["protocol"].unique()):
                 delta = _claim_delta(
                     claim,
