@@ -12,11 +12,7 @@ import pandas as pd
 
 from .budget_markdown import budget_sections, verdict_section
 from .columns import DELTAS
-from .formatting import code_list as _labels
-from .formatting import interval as _interval
-from .formatting import md_table as _table
-from .formatting import number as _number
-from .formatting import ratio_text as _ratio
+from .formatting import code_list, interval, md_table, number, ratio_text
 from .plots import PLOTS
 from .records import BASELINE, FLOOR, SETTING, Records, in_setting, setting_label
 from .tables import Tables
@@ -92,7 +88,7 @@ def _header(records: Records) -> list[str]:
             "",
         ]
     if records.damaged:
-        lines += [f"Skipped {len(records.damaged)} damaged record(s): " + _labels(records.damaged) + ".", ""]
+        lines += [f"Skipped {len(records.damaged)} damaged record(s): " + code_list(records.damaged) + ".", ""]
     if records.stale:
         reasons = "; ".join(f"`{label}`: {', '.join(why)}" for label, why in sorted(records.stale.items()))
         lines += [
@@ -106,7 +102,7 @@ def _header(records: Records) -> list[str]:
 
 def _delta(row: pd.Series) -> str:
     """``+1.23 [0.45, 2.01]``: a row's paired Δ vs the baseline with its interval."""
-    return _number(row["delta_mean"], signed=True) + _interval(row["delta_ci_low"], row["delta_ci_high"])
+    return number(row["delta_mean"], signed=True) + interval(row["delta_ci_low"], row["delta_ci_high"])
 
 
 def _summary(records: Records, tables: Tables) -> list[str]:
@@ -121,8 +117,8 @@ def _summary(records: Records, tables: Tables) -> list[str]:
                 noise = " (outside seed noise)" if best["outside_noise"] else " (within seed noise)"
                 delta = f"; Δ vs {BASELINE} {_delta(best)}{noise}"
             lines.append(
-                f"- best on **{best['protocol']}**: `{best['strategy']}` at ratio {_ratio(best['ratio'])}: "
-                f"{_number(best['top1_mean'])}{_interval(best['top1_ci_low'], best['top1_ci_high'])} "
+                f"- best on **{best['protocol']}**: `{best['strategy']}` at ratio {ratio_text(best['ratio'])}: "
+                f"{number(best['top1_mean'])}{interval(best['top1_ci_low'], best['top1_ci_high'])} "
                 f"(n={int(best['seeds'])}){delta}"
             )
         lines.append("")
@@ -144,7 +140,7 @@ def _summary(records: Records, tables: Tables) -> list[str]:
         for _, row in outside.iterrows():
             where = f" [{setting_label(tuple(row[SETTING]))}]" if many else ""
             lines.append(
-                f"- `{row['strategy']}` ratio {_ratio(row['ratio'])}, {row['protocol']}: "
+                f"- `{row['strategy']}` ratio {ratio_text(row['ratio'])}, {row['protocol']}: "
                 f"{_delta(row)} points over {int(row['delta_pairs'])} seeds{where}"
             )
         lines.append("")
@@ -153,12 +149,12 @@ def _summary(records: Records, tables: Tables) -> list[str]:
     if interpretations:
         lines.append(
             "Strategies that are interpretations ([INTERP]: the source does not fully specify them, "
-            f"the benchmark chose a reading — see their `source`): {_labels(interpretations)}."
+            f"the benchmark chose a reading — see their `source`): {code_list(interpretations)}."
         )
     else:
         lines.append("No strategy in these results is an interpretation ([INTERP]).")
     if unknown:
-        lines.append(f"(No strategy_info recorded for {_labels(unknown)}.)")
+        lines.append(f"(No strategy_info recorded for {code_list(unknown)}.)")
     lines += [
         "PIMR, Global PIMR, RAUC and epochs-to-convergence are [INTERP] formulas "
         "(named by SBAM / MTO, not defined there); see docs/report_columns.md.",
@@ -170,15 +166,15 @@ def _summary(records: Records, tables: Tables) -> list[str]:
 def _noise_floor(tables: Tables) -> list[str]:
     rows = []
     for _, row in tables.noise_floor.iterrows():
-        diff = _number(row["diff_std"]) + (" (√2·seed std)" if row["diff_std_source"] == "sqrt2_seed_std" else "")
+        diff = number(row["diff_std"]) + (" (√2·seed std)" if row["diff_std_source"] == "sqrt2_seed_std" else "")
         needed = [row[f"seeds_for_delta_{delta:g}"] for delta in DELTAS]
         rows.append(
-            [row["suite"], row["protocol"], _number(row["seed_std"]), diff, _number(row["min_detectable_delta"])]
+            [row["suite"], row["protocol"], number(row["seed_std"]), diff, number(row["min_detectable_delta"])]
             + ["–" if pd.isna(n) else str(int(n)) for n in needed]
         )
     headers = ["suite", "protocol", "seed std", "paired-diff std", "detectable Δ now"]
     headers += [f"seeds for Δ={delta:g}" for delta in DELTAS]
-    return ["## Noise floor", "", NOISE_NOTE, "", _table(headers, rows)]
+    return ["## Noise floor", "", NOISE_NOTE, "", md_table(headers, rows)]
 
 
 def _plots(plot_notes: dict[str, str | None]) -> list[str]:
@@ -203,7 +199,7 @@ def _accuracy(records: Records, tables: Tables, setting: tuple) -> str:
                 cells += ["–", ""]
             else:
                 top1 = top1.iloc[0]
-                cells += [_number(top1["top1_mean"]) + _interval(top1["top1_ci_low"], top1["top1_ci_high"]), ""]
+                cells += [number(top1["top1_mean"]) + interval(top1["top1_ci_low"], top1["top1_ci_high"]), ""]
         rows.append([FLOOR, "–", str(floor["floor_seeds"].iloc[0])] + cells)
     accuracy = in_setting(tables.accuracy[tables.accuracy["strategy"] != FLOOR], setting)
     for _, cell in in_setting(tables.accuracy_cells, setting).iterrows():
@@ -216,15 +212,15 @@ def _accuracy(records: Records, tables: Tables, setting: tuple) -> str:
                 cells += ["–", "–"]
                 continue
             row = row.iloc[0]
-            cells.append(_number(row["top1_mean"]) + _interval(row["top1_ci_low"], row["top1_ci_high"]))
-            delta = _number(row["delta_mean"], signed=True) + ("*" if row["outside_noise"] else "")
+            cells.append(number(row["top1_mean"]) + interval(row["top1_ci_low"], row["top1_ci_high"]))
+            delta = number(row["delta_mean"], signed=True) + ("*" if row["outside_noise"] else "")
             cells.append(delta if math.isfinite(row["delta_mean"]) else "")
         marks = (" [INTERP]" if records.interp.get(strategy) else "") + (
             " [STALE]" if strategy in records.stale else ""
         )
-        rows.append([strategy + marks, _ratio(ratio), str(int(cell["seeds"]))] + cells)
+        rows.append([strategy + marks, ratio_text(ratio), str(int(cell["seeds"]))] + cells)
     headers = ["strategy", "ratio", "seeds"] + [h for p in protocols for h in (p, f"Δ {p}")]
-    return _table(headers, rows)
+    return md_table(headers, rows)
 
 
 def _robustness(tables: Tables, setting: tuple) -> str:
@@ -233,54 +229,54 @@ def _robustness(tables: Tables, setting: tuple) -> str:
             row["strategy"],
             row["protocol"],
             row["ratios"],
-            _number(row["global_pimr_mean"], signed=True)
-            + _interval(row["global_pimr_ci_low"], row["global_pimr_ci_high"]),
-            _number(row["global_pimr_ref_mean"], signed=True),
-            _number(row["ratio_auc_mean"]),
-            _ratio(row["peak_ratio"]),
-            _number(row["worst_drop"]),
-            _number(row["drop_after_peak"]),
+            number(row["global_pimr_mean"], signed=True)
+            + interval(row["global_pimr_ci_low"], row["global_pimr_ci_high"]),
+            number(row["global_pimr_ref_mean"], signed=True),
+            number(row["ratio_auc_mean"]),
+            ratio_text(row["peak_ratio"]),
+            number(row["worst_drop"]),
+            number(row["drop_after_peak"]),
         ]
         for _, row in in_setting(tables.ratio_robustness, setting).iterrows()
     ]
-    return _table(ROBUSTNESS_HEADERS, rows)
+    return md_table(ROBUSTNESS_HEADERS, rows)
 
 
 def _convergence(tables: Tables, setting: tuple) -> str:
     rows = [
         [
             row["strategy"],
-            _ratio(row["ratio"]),
+            ratio_text(row["ratio"]),
             row["protocol"],
             row["eval_epochs"],
-            _number(row["final_top1"]),
-            _number(row["epochs_to_95"], 1),
-            _number(row["epochs_to_99"], 1),
-            _number(row["epochs_to_100"], 1),
-            _number(row["reduction_100"]),
-            _number(row["rauc"], 3),
-            _number(row["rauc_norm"], 3),
+            number(row["final_top1"]),
+            number(row["epochs_to_95"], 1),
+            number(row["epochs_to_99"], 1),
+            number(row["epochs_to_100"], 1),
+            number(row["reduction_100"]),
+            number(row["rauc"], 3),
+            number(row["rauc_norm"], 3),
         ]
         for _, row in in_setting(tables.convergence, setting).iterrows()
     ]
-    return _table(CONVERGENCE_HEADERS, rows)
+    return md_table(CONVERGENCE_HEADERS, rows)
 
 
 def _compute(tables: Tables, setting: tuple) -> str:
     rows = [
         [
             row["strategy"],
-            _ratio(row["ratio"]),
-            _number(row["epoch_seconds_mean"]),
-            _number(row["train_img_per_s_mean"], 0),
-            _number(row["peak_mem_mb_mean"], 0),
-            _number(row["gflops_per_image_mean"], 4),
-            _number(row["plan_share_mean"], 3),
-            _number(row["realised_mask_ratio_mean"], 3),
+            ratio_text(row["ratio"]),
+            number(row["epoch_seconds_mean"]),
+            number(row["train_img_per_s_mean"], 0),
+            number(row["peak_mem_mb_mean"], 0),
+            number(row["gflops_per_image_mean"], 4),
+            number(row["plan_share_mean"], 3),
+            number(row["realised_mask_ratio_mean"], 3),
         ]
         for _, row in in_setting(tables.compute[tables.compute["strategy"] != FLOOR], setting).iterrows()
     ]
-    return _table(COMPUTE_HEADERS, rows)
+    return md_table(COMPUTE_HEADERS, rows)
 
 
 def render(records: Records, tables: Tables, plot_notes: dict[str, str | None]) -> str:
