@@ -15,8 +15,9 @@ from .errors import BenchError
 DEFAULT_RESULTS = Path("results")
 
 
-def _check_data(suite, launcher: str) -> None:
-    """A missing dataset is one line up front, not a failure per run."""
+def _check_data(suite, launcher: str, results: Path) -> None:
+    """A missing dataset is one line up front, not a failure per run; locally, a prepared dataset that is
+    missing is made now (jobs on a cluster make it under a lock, or run `prepare` first)."""
     if launcher != "local" and suite.data.name == "imagefolder":
         # on a login node only check the layout: decoding ImageNet here would take minutes and GBs
         root = Path(suite.data.root or "")
@@ -27,8 +28,10 @@ def _check_data(suite, launcher: str) -> None:
             )
         return
     from .data import load_dataset
+    from .prepared import cache_root
 
-    load_dataset(suite.data.name, suite.data.root, suite.data.image_size)
+    d = suite.data
+    load_dataset(d.name, d.root, d.image_size, d.storage, cache_root(results))
 
 
 def _source(args) -> str:
@@ -64,7 +67,7 @@ def _cmd_plan(args) -> int:
     if getattr(args, "cost", False) or tflops is not None or mfu is not None:  # never reads the dataset
         if (tflops is not None and tflops <= 0) or (mfu is not None and not 0 < mfu <= 1):
             raise BenchError("--gpu-tflops must be > 0 and --mfu in (0, 1]")
-        world = suite.launcher.tasks_per_node if launcher == "slurm" else 1
+        world = suite.launcher.nodes * suite.launcher.tasks_per_node if launcher == "slurm" else 1
         footer = add_costs(rows, specs, world, tflops, mfu, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_plan(rows, suite.name, args.results / "runs" / suite.name, launcher, footer=footer))
     return 0
@@ -77,7 +80,7 @@ def _cmd_run(args) -> int:
         return _cmd_plan(args)
     suite, launcher, specs = _prepare(args)
     _warn_legacy(args.results, suite.name)
-    _check_data(suite, launcher)
+    _check_data(suite, launcher, args.results)
     print(
         f"suite '{suite.name}': {len(specs)} runs -> {args.results / 'runs' / suite.name} (launcher: {launcher})",
         file=sys.stderr,

@@ -76,6 +76,9 @@ class DataConfig(_Strict):
     root: PathText | None = None  # overrides $MASKING_BENCH_DATA_DIR and the built-in default
     train_subset: Int | None = Field(None, gt=0)  # pre-train on a fixed seeded subset
     image_size: Int | None = Field(None, gt=0)
+    # memory | prepared (a decoded file read by index: masking_bench/prepared.py) | auto: prepared for
+    # imagefolder, memory otherwise. Same bytes either way, so not part of any run's identity
+    storage: Literal["auto", "memory", "prepared"] = "auto"
 
 
 class AugmentConfig(_Strict):
@@ -106,7 +109,10 @@ class AugmentConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: Int = Field(10, ge=0)
-    batch_size: Int = Field(256, gt=0)
+    batch_size: Int = Field(256, gt=0)  # the global (effective) batch of one optimizer step
+    # micro-batches per step and process (gradient accumulation); like the process count, it changes
+    # only how a step's batch is split, so it is not part of a run's identity (README, "Multi-node")
+    accum_steps: Int = Field(1, ge=1)
     base_lr: Float = Field(1.5e-3, gt=0)  # learning rate per 256 images (scaled linearly with batch)
     min_lr: Float = Field(0.0, ge=0)
     warmup_epochs: Float = Field(1.0, ge=0)
@@ -184,6 +190,7 @@ class LauncherConfig(_Strict):
 
     kind: Literal["local", "debug", "slurm"] = "local"
     partition: str | None = None
+    nodes: Int = Field(1, ge=1)  # one run spans nodes x tasks_per_node DDP processes
     gpus_per_node: Int = Field(0, ge=0)
     tasks_per_node: Int = Field(1, ge=1)  # >1: DDP with one process per task
     cpus_per_task: Int = Field(2, ge=1)
@@ -272,6 +279,13 @@ class Suite(_Strict):
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise ValueError(f"strategy label '{sorted(dup)[0]}' appears twice; give one a distinct 'label'")
+        world = self.launcher.nodes * self.launcher.tasks_per_node * self.train.accum_steps
+        if self.train.batch_size % world:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} must be a multiple of launcher.nodes "
+                f"{self.launcher.nodes} x launcher.tasks_per_node {self.launcher.tasks_per_node} x "
+                f"train.accum_steps {self.train.accum_steps} (one equal micro-batch per process and step)"
+            )
         return self
 
 
@@ -301,6 +315,8 @@ class RunSpec(BaseModel):
         ident["strategy"].pop("label", None)
         ident["strategy"].pop("ratios", None)
         ident["data"].pop("root", None)
+        ident["data"].pop("storage", None)
+        ident["train"].pop("accum_steps", None)
         ident["train"].pop("amp")  # as written (auto / bf16 / none); what it resolved to is `precision`
         ident["schema"] = SCHEMA_VERSION
         if self.kind == "random_init":  # nothing of the training recipe reaches an untrained encoder
@@ -445,6 +461,11 @@ _NON_IDENTITY_AXES = ("name", "description", "device", "plugins", "launcher", "g
 def _check_grid_axes(suite: Suite, source: str) -> None:
     for dotted in suite.grid:
         root = dotted.split(".")[0]
+        if dotted in ("data.storage", "train.accum_steps"):
+            raise BenchError(
+                f"{source}: grid axis '{dotted}' does not change what a run computes (only how it reads data "
+                "or splits a batch); set it once in the suite"
+            )
         if root in _LISTED_AXES:
             raise BenchError(f"{source}: grid axis '{dotted}' is already an axis; list it in the suite instead")
         if root in _NON_IDENTITY_AXES:

@@ -11,6 +11,7 @@ import gzip
 import os
 import pickle
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +27,36 @@ DATASET_NAMES = ("fashion_mnist", "imagefolder", "cifar10", "synthetic")
 
 @dataclass
 class Split:
-    """One split held in memory: images uint8 (N, C, H, W), labels int64 (N,)."""
+    """One split: images uint8 (N, C, H, W), labels int64 (N,).
+
+    In memory, or *mapped* (``mapped=True``): ``images`` then views a prepared file
+    (:mod:`masking_bench.prepared`) and ``rows`` names the images of it that belong to the split
+    (None: all), so a subset never copies images and memory does not grow with the dataset.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
+    rows: torch.Tensor | None = None
+    mapped: bool = False
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.labels.shape[0]
+
+    def take(self, lo: int, hi: int) -> torch.Tensor:
+        """Images of positions ``lo..hi`` (a copy for a mapped split, else a view)."""
+        return self.images[lo:hi] if self.rows is None else self.images[self.rows[lo:hi]]
+
+    def select(self, idx: torch.Tensor) -> Split:
+        """The split made of positions ``idx`` (mapped: rows of the same file, no image copied)."""
+        if not self.mapped:
+            return Split(self.images[idx], self.labels[idx])
+        return Split(self.images, self.labels[idx], idx if self.rows is None else self.rows[idx], True)
 
     def subset(self, n: int | None, seed: int = 0) -> Split:
         """A fixed, seeded, class-agnostic subset of ``n`` images (all of them when n is None)."""
         if n is None or n >= len(self):
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        return Split(self.images[idx], self.labels[idx])
+        return self.select(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
 
 
 @dataclass
@@ -52,6 +69,7 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    prepared: str | None = None  # the prepared folder the splits are mapped from (masking_bench/prepared.py)
 
     @property
     def channels(self) -> int:
@@ -134,32 +152,41 @@ def load_cifar10(root: str | None) -> Dataset:
     return _with_stats("cifar10", read(names), read(["test_batch"]), num_classes=10)
 
 
-def load_imagefolder(root: str | None, image_size: int) -> Dataset:
-    """``root/train/<class>/*`` and ``root/val|test/<class>/*`` resized to ``image_size``, held in memory."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
+def load_imagefolder(root: str | None, image_size: int, cache: str | Path | None = None) -> Dataset:
+    """``root/train/<class>/*`` and ``root/val|test/<class>/*`` at ``image_size``, held in memory.
 
-    base = resolve_data_dir(root, "")
-    test_dir = next((base / d for d in ("val", "test") if (base / d).is_dir()), None)
-    if not (base / "train").is_dir() or test_dir is None:
-        raise DataMissingError(
-            f"ImageFolder dataset not found at '{base}': data.root must hold train/<class>/ and "
-            "val/<class>/ (or test/<class>/) folders of images"
-        )
-    tf = v2.Compose([v2.PILToTensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+    Decoded once into a prepared folder (:func:`masking_bench.prepared.prepare`, in parallel) and
+    read from there, so in memory or mapped, an ImageFolder run sees the same bytes and statistics.
+    """
+    return load_dataset("imagefolder", root, image_size, storage="memory", cache=cache)
 
-    def read(folder: Path, classes: list[str] | None) -> Split:
-        ds = ImageFolder(str(folder), transform=tf)
-        if classes is not None and ds.classes != classes:
-            raise BenchError(f"class folders of {folder} differ from those of {base / 'train'}")
-        xs = torch.stack([ds[i][0] for i in range(len(ds))])
-        if xs.shape[1] == 4:
-            xs = xs[:, :3]
-        return Split(xs.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
 
-    train = read(base / "train", None)
-    classes = ImageFolder(str(base / "train")).classes
-    return _with_stats("imagefolder", train, read(test_dir, classes), num_classes=len(classes))
+def from_prepared(folder: str | Path, mapped: bool = True) -> Dataset:
+    """A dataset read from a complete prepared folder: mapped (images stay in the file, read by index)
+    or copied into memory; normalisation statistics and classes from its manifest."""
+    import numpy as np
+
+    from .prepared_loader import open_prepared
+
+    prep = open_prepared(folder)
+
+    def split(name: str) -> Split:
+        base = prep.folder / name
+        labels = torch.from_numpy(np.load(base / "labels.npy"))
+        if mapped:  # copy-on-write: a writable view for torch, nothing ever written back
+            return Split(torch.from_numpy(np.load(base / "images.npy", mmap_mode="c")), labels, mapped=True)
+        return Split(torch.from_numpy(np.load(base / "images.npy")), labels)
+
+    m = prep.manifest
+    return Dataset(
+        m["dataset"],
+        split("train"),
+        split("val"),
+        tuple(m["mean"]),
+        tuple(m["std"]),
+        m["num_classes"],
+        str(prep.folder),
+    )
 
 
 def make_synthetic(
@@ -190,17 +217,39 @@ def _with_stats(name: str, train: Split, test: Split, num_classes: int) -> Datas
     return Dataset(name, train, test, mean, std, num_classes)
 
 
-def load_dataset(name: str, root: str | None = None, image_size: int | None = None) -> Dataset:
-    """Load a dataset by its suite name."""
-    if name == "fashion_mnist":
-        return load_fashion_mnist(root)
-    if name == "cifar10":
-        return load_cifar10(root)
-    if name == "imagefolder":
-        return load_imagefolder(root, image_size or 224)
+STORAGES = ("auto", "memory", "prepared")
+
+
+def load_dataset(
+    name: str,
+    root: str | None = None,
+    image_size: int | None = None,
+    storage: str = "auto",
+    cache: str | Path | None = None,
+) -> Dataset:
+    """Load a dataset by its suite name.
+
+    ``storage``: ``memory`` holds the images in RAM; ``prepared`` maps them from a prepared folder
+    (made first if missing, under ``cache``: :func:`masking_bench.prepared.cache_root`); ``auto`` is
+    ``prepared`` for an ImageFolder tree and ``memory`` for the small built-in sets. The bytes and
+    the statistics are the same either way. Synthetic data is generated in memory whatever the storage.
+    """
+    if name not in DATASET_NAMES:
+        raise BenchError(f"unknown dataset '{name}': accepted are {', '.join(DATASET_NAMES)}")
+    if storage not in STORAGES:
+        raise BenchError(f"unknown data storage '{storage}': accepted are {', '.join(STORAGES)}")
     if name == "synthetic":
         return make_synthetic(size=image_size or 28)
-    raise BenchError(f"unknown dataset '{name}': accepted are {', '.join(DATASET_NAMES)}")
+    if storage == "auto":
+        storage = "prepared" if name == "imagefolder" else "memory"
+    if storage == "memory" and name == "fashion_mnist":
+        return load_fashion_mnist(root)
+    if storage == "memory" and name == "cifar10":
+        return load_cifar10(root)
+    from .prepared import prepare
+
+    prepared, _ = prepare(name, root, image_size, cache, progress=sys.stderr.isatty())
+    return from_prepared(prepared.folder, mapped=storage == "prepared")
 
 
 # ------------------------------------------------------------------------------------------ loader
@@ -242,11 +291,12 @@ def random_resized_crop(x: torch.Tensor, aug: Augment, generator: torch.Generato
 
 
 class TensorLoader:
-    """Batches from an in-memory split: seeded per-epoch shuffling, normalisation and augmentation on device.
+    """Batches from a split: seeded per-epoch shuffling, normalisation and augmentation on device.
 
-    The whole uint8 split is moved to the device once; a batch is one index, one cast and one
-    ``grid_sample`` — no per-image Python. ``drop_last`` keeps every step the same size (needed for
-    identical per-step cost and exact resume).
+    A small split is moved to the device once; a batch is then one index, one cast and one
+    ``grid_sample`` — no per-image Python. A big one (ImageNet-scale) stays in host memory and a
+    mapped one in its file; their batches are gathered one at a time. ``drop_last`` keeps every
+    step the same size (needed for identical per-step cost and exact resume).
     """
 
     def __init__(
@@ -263,8 +313,14 @@ class TensorLoader:
         max_device_bytes: int = 2 << 30,
     ):
         self.device = torch.device(device)
-        # small sets live on the device; big ones (ImageNet-scale) stay in host memory, batch by batch
-        self.storage = self.device if split.images.nbytes <= max_device_bytes else torch.device("cpu")
+        self.rows = split.rows
+        item_bytes = split.images[0].nbytes if len(split.images) else 0
+        small = item_bytes * len(split) <= max_device_bytes
+        if split.mapped and small:  # a small mapped split: copied once, as an in-memory one
+            images = split.take(0, len(split))
+            split = Split(images.clone() if split.rows is None else images, split.labels)
+            self.rows = None
+        self.storage = self.device if small and not split.mapped else torch.device("cpu")
         self.images = split.images.to(self.storage)
         self.labels = split.labels.to(self.storage)
         self.batch_size = batch_size
@@ -272,32 +328,48 @@ class TensorLoader:
         self.augment = augment
         self.shuffle = shuffle
         self.drop_last = drop_last
-        c = self.images.shape[1]
-        self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255.0)
+        self.transform = BatchTransform(mean, std, self.images.shape[1], self.device, seed, augment)
         if len(split) < batch_size and drop_last:
             raise BenchError(f"batch_size {batch_size} is larger than the {len(split)} training images")
 
     def __len__(self) -> int:
-        n = self.images.shape[0]
+        n = self.labels.shape[0]
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The image order of ``epoch``: a pure function of (seed, epoch)."""
-        n = self.images.shape[0]
-        if not self.shuffle:
-            return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return epoch_order(self.labels.shape[0], self.seed, epoch, self.shuffle)
 
     def batches(self, epoch: int, start_step: int = 0):
         """Yield ``(images float (B,C,H,W) normalised, labels)`` from step ``start_step`` of ``epoch``."""
         order = self.order(epoch).to(self.storage)
-        gen = torch.Generator(device=self.device)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            x = self.images[idx].to(self.device, non_blocking=True).float()
-            if self.augment is not None:
-                # one generator state per (seed, epoch, step): resuming mid-epoch replays the same crops
-                gen.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + step)
-                x = random_resized_crop(x, self.augment, gen)
-            yield (x - self.mean) * self.inv_std, self.labels[idx].to(self.device, non_blocking=True)
+            images = self.images[idx if self.rows is None else self.rows[idx.cpu()]]
+            x = images.to(self.device, non_blocking=True)
+            yield self.transform(x, epoch, step), self.labels[idx].to(self.device, non_blocking=True)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """Positions ``0..n-1`` in the order of ``epoch``: a pure function of (n, seed, epoch)."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class BatchTransform:
+    """uint8 batch on the device -> augmented (crop + flip, seeded per (seed, epoch, step)), normalised float."""
+
+    def __init__(self, mean, std, channels: int, device: torch.device, seed: int, augment: Augment | None):
+        self.mean = torch.tensor(mean, device=device).view(1, channels, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, channels, 1, 1) * 255.0)
+        self.seed, self.augment = seed, augment
+        self.gen = torch.Generator(device=device)
+
+    def __call__(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        x = x.float()
+        if self.augment is not None:
+            # one generator state per (seed, epoch, step): resuming mid-epoch replays the same crops
+            self.gen.manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + step)
+            x = random_resized_crop(x, self.augment, self.gen)
+        return (x - self.mean) * self.inv_std

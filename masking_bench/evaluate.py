@@ -34,7 +34,7 @@ def extract_features(
     s = torch.tensor(std, device=dev).view(1, c, 1, 1) * 255
     feats = []
     for i in range(0, len(split), batch_size):
-        x = (split.images[i : i + batch_size].to(dev).float() - m) / s
+        x = (split.take(i, i + batch_size).to(dev).float() - m) / s
         feats.append(model.forward_features(x, pool=pool).float().cpu())
     model.train(was_training)
     return torch.cat(feats)
@@ -169,7 +169,7 @@ def evaluate_encoder(
             probes, knns = [], []
             for draw in range(ls.draws):
                 idx = low_shot_indices(dataset.train.labels, shots, draw, dataset.num_classes)
-                sub = Split(dataset.train.images[idx], dataset.train.labels[idx])
+                sub = dataset.train.select(idx)
                 fsub = feats(sub)
                 batch = min(256, len(sub))
                 epochs = max(1, -(-ls.probe_steps // max(1, len(sub) // batch)))

@@ -33,7 +33,7 @@ ENGINE = Path(__file__).resolve().parent
 ENGINE_PARTS: dict[str, tuple[str, ...]] = {
     "model": ("models.py",),
     "trainer": ("train.py",),
-    "data": ("data.py",),
+    "data": ("data.py", "prepared.py", "prepared_loader.py"),
     "evaluation": ("evaluate.py",),
     "contract": ("masking.py",),
 }

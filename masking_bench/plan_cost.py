@@ -271,7 +271,7 @@ class Estimator:
             out["_pretrain"] = step.flops_per_image * per_epoch * spec.train.epochs
             out["_flops_per_image"] = step.flops_per_image
             out["_activation_bytes_per_image"] = step.activation_bytes_per_image
-            per_gpu = -(-spec.train.batch_size // max(1, world))
+            per_gpu = -(-spec.train.batch_size // max(1, world * spec.train.accum_steps))  # the micro-batch
             resident = train_n * info.channels * info.size**2
             out["_mem"] = (
                 step.params * PARAM_BYTES

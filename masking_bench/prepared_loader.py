@@ -194,3 +194,56 @@ class PreparedLoader:
         order = self.order(epoch)
         for step in range(start_step, len(self)):
             yield self.read(self.indices(epoch, step, order))
+
+
+class PreparedTrainLoader:
+    """The trainer's batches from a prepared split, the same as :class:`masking_bench.data.TensorLoader`'s.
+
+    Each DDP rank reads only its share of the global batch from the file (:class:`PreparedLoader`);
+    the shares are then gathered, so every rank holds the global uint8 batch (the masking plan is made
+    on the global batch, :func:`masking_bench.train.forward_losses`), and the batch is augmented and
+    normalised on the device by the loader's own :class:`masking_bench.data.BatchTransform`. Same
+    order, same crops, same bytes: the numbers of an in-memory run, at any world size.
+    """
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        rows: torch.Tensor | None,
+        batch_size: int,
+        mean,
+        std,
+        device: torch.device,
+        seed: int = 0,
+        augment=None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        from .data import BatchTransform
+
+        self.reader = PreparedLoader(
+            split_dir, batch_size, seed, rank, world_size, rows=None if rows is None else rows.numpy()
+        )
+        self.device, self.world_size = device, world_size
+        self.transform = BatchTransform(mean, std, self.reader.item_shape[0], device, seed, augment)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the global ``(images float (B,C,H,W) normalised, labels)`` from step ``start_step`` of ``epoch``."""
+        order = self.reader.order(epoch)
+        for step in range(start_step, len(self)):
+            x, y = self.reader.read(self.reader.indices(epoch, step, order))
+            x = self._gather(x.to(self.device, non_blocking=True))
+            y = self._gather(y.to(self.device, non_blocking=True))
+            yield self.transform(x, epoch, step), y

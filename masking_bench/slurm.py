@@ -157,6 +157,7 @@ def executor_parameters(cfg: LauncherConfig, kind: str, suite: str) -> dict[str,
     if kind != "slurm":
         return params
     params.update(
+        nodes=cfg.nodes,
         tasks_per_node=cfg.tasks_per_node,
         cpus_per_task=cfg.cpus_per_task,
         mem_gb=cfg.mem_gb,
@@ -256,11 +257,13 @@ def submit_suite(
             todo.append(spec)
     if not todo:
         return outcome
-    if kind == "slurm" and cfg.tasks_per_node > 1:  # data-parallel: each task takes an equal share of a batch
-        odd = next((s for s in todo if s.train.batch_size % cfg.tasks_per_node), None)
+    world = cfg.nodes * cfg.tasks_per_node if kind == "slurm" else 1
+    if world > 1:  # data-parallel: each task takes an equal share of a batch
+        odd = next((s for s in todo if s.train.batch_size % (world * s.train.accum_steps)), None)
         if odd is not None:
             raise BenchError(
-                f"launcher.tasks_per_node {cfg.tasks_per_node} (one data-parallel process per task) "
+                f"launcher.nodes {cfg.nodes} x tasks_per_node {cfg.tasks_per_node} (one data-parallel process "
+                f"per task) x train.accum_steps {odd.train.accum_steps} "
                 f"must divide train.batch_size {odd.train.batch_size} ({odd.short()})"
             )
     executor = make_executor(cfg, kind, suite, folder)

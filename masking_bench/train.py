@@ -8,6 +8,7 @@ resumed from its last epoch checkpoint replays exactly what an uninterrupted run
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -39,11 +40,16 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def get_dataset(spec: RunSpec) -> Dataset:
-    """Load once per process (Fashion-MNIST takes ~1 s to decode)."""
-    key = (spec.data.name, spec.data.root, spec.data.image_size)
+def get_dataset(spec: RunSpec, results: str | Path | None = None) -> Dataset:
+    """Load once per process (Fashion-MNIST takes ~1 s to decode); a prepared dataset is found (or
+    made) under :func:`masking_bench.prepared.cache_root` of ``results``."""
+    from .prepared import cache_root
+
+    d = spec.data
+    cache = cache_root(results)
+    key = (d.name, d.root, d.image_size, d.storage, str(cache))
     if key not in _DATASETS:
-        _DATASETS[key] = load_dataset(spec.data.name, spec.data.root, spec.data.image_size)
+        _DATASETS[key] = load_dataset(d.name, d.root, d.image_size, d.storage, cache)
     return _DATASETS[key]
 
 
@@ -187,6 +193,54 @@ def _call_strategy(strategy: MaskingStrategy, what: str, fn: Callable[..., Any],
         ) from exc
 
 
+def plan_batch(
+    model: MIMViT, strategy: MaskingStrategy, ctx: PlanContext, x: torch.Tensor, amp_dtype: torch.dtype | None
+) -> tuple[MaskPlan, float]:
+    """The strategy's plan for the whole (global) batch ``x``, checked against the contract; (plan, seconds)."""
+    with _numerics(model, x.device, amp_dtype):
+        t0 = time.perf_counter()
+        plan = _call_strategy(strategy, "plan", strategy.plan, x, ctx)
+        t_plan = time.perf_counter() - t0
+    if not isinstance(plan, MaskPlan):
+        raise StrategyError(f"strategy '{strategy.name}': plan() must return a MaskPlan, got {type(plan).__name__}")
+    plan.check(strategy, x.shape[0], ctx.num_tokens)
+    return plan, t_plan
+
+
+def share_losses(
+    model: MIMViT,
+    strategy: MaskingStrategy,
+    plan: MaskPlan,
+    x: torch.Tensor,
+    start: int,
+    length: int,
+    amp_dtype: torch.dtype | None,
+    forward: Callable[..., Any] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and named loss terms of the images ``start..start+length`` of the global batch under ``plan``."""
+    local = plan
+    if length != x.shape[0]:
+        local = plan.narrow(start, length)
+        x = x.narrow(0, start, length)
+    with _numerics(model, x.device, amp_dtype):
+        view = local.view if local.view is not None else x
+        out = (forward or model)(
+            view, local.mask, isolate_mask_tokens=local.isolate_mask_tokens, record_attention=local.record_attention
+        )
+        terms = _call_strategy(strategy, "losses", strategy.losses, model, out, local, view)
+    return sum(terms.values()), terms
+
+
+def _numerics(model: MIMViT, device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.ExitStack:
+    """Autocast to ``amp_dtype`` (none: fp32) plus explicit attention where SDPA's CPU bf16 backward is slow."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(
+        torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    )
+    stack.enter_context(explicit_attention(model, device.type == "cpu" and amp_dtype == torch.bfloat16))
+    return stack
+
+
 def forward_losses(
     model: MIMViT,
     strategy: MaskingStrategy,
@@ -202,28 +256,9 @@ def forward_losses(
     identical global plan (same generator state, same weights), so a DDP run sees exactly the masks
     of a single-process run with the same global batch.
     """
-    explicit = x.device.type == "cpu" and amp_dtype == torch.bfloat16  # SDPA's CPU bf16 backward is slow
-    with (
-        torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
-        explicit_attention(model, explicit),
-    ):
-        t0 = time.perf_counter()
-        plan = _call_strategy(strategy, "plan", strategy.plan, x, ctx)
-        t_plan = time.perf_counter() - t0
-        if not isinstance(plan, MaskPlan):
-            raise StrategyError(f"strategy '{strategy.name}': plan() must return a MaskPlan, got {type(plan).__name__}")
-        plan.check(strategy, x.shape[0], ctx.num_tokens)
-        local = plan
-        if dist_info.world > 1:
-            share = x.shape[0] // dist_info.world
-            local = plan.narrow(dist_info.rank * share, share)
-            x = x.narrow(0, dist_info.rank * share, share)
-        view = local.view if local.view is not None else x
-        out = (forward or model)(
-            view, local.mask, isolate_mask_tokens=local.isolate_mask_tokens, record_attention=local.record_attention
-        )
-        terms = _call_strategy(strategy, "losses", strategy.losses, model, out, local, view)
-    loss = sum(terms.values())
+    plan, t_plan = plan_batch(model, strategy, ctx, x, amp_dtype)
+    share = x.shape[0] // dist_info.world
+    loss, terms = share_losses(model, strategy, plan, x, dist_info.rank * share, share, amp_dtype, forward)
     return loss, terms, plan, t_plan
 
 
@@ -242,8 +277,10 @@ class TrainStep:
     """One optimizer step of the trainer, the only one: the pre-training loop and ``bench`` call it.
 
     Per call: the learning rate of this step (warm-up + cosine), the mask generator seeded from
-    (seed, epoch, step), plan → check → forward → loss terms (:func:`forward_losses`), a finite-loss
-    check, backward, gradient clipping and AdamW; on DDP ranks the logged loss is the global mean.
+    (seed, epoch, step), plan on the global batch → check (:func:`plan_batch`), then per micro-batch of
+    this rank's share (``train.accum_steps``) forward → loss terms (:func:`share_losses`) → a
+    finite-loss check → backward; then gradient clipping and AdamW. The logged loss is the mean over
+    the global batch.
     """
 
     def __init__(
@@ -277,22 +314,39 @@ class TrainStep:
         self.gen.manual_seed(mask_seed(spec.seed, epoch, step))
         self.ctx.epoch = epoch
         self.ctx.step = global_step
-        loss, terms, plan, t_plan = forward_losses(
-            self.model, self.strategy, self.ctx, x, self.amp_dtype, self.dist_info, self.forward
-        )
-        if not torch.isfinite(loss):
-            advice = "lower train.base_lr" + (" or set train.amp: none" if self.amp_dtype is not None else "")
-            raise NonFiniteLossError(
-                f"run {spec.run_hash} ({spec.short()}): loss became {loss.item()} at epoch "
-                f"{epoch} step {step}{self.where} — {advice}"
-            )
+        plan, t_plan = plan_batch(self.model, self.strategy, self.ctx, x, self.amp_dtype)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        share = x.shape[0] // self.dist_info.world
+        micro = share // t.accum_steps
+        loss = torch.zeros((), device=x.device)
+        terms: dict[str, torch.Tensor] = {}
+        for k in range(t.accum_steps):  # accumulate gradients over micro-batches of this rank's share
+            last = k == t.accum_steps - 1
+            sync = contextlib.nullcontext() if last or self.forward is None else self.forward.no_sync()
+            with sync:
+                start = self.dist_info.rank * share + k * micro
+                part, part_terms = share_losses(
+                    self.model, self.strategy, plan, x, start, micro, self.amp_dtype, self.forward
+                )
+                if not torch.isfinite(part):
+                    advice = "lower train.base_lr" + (" or set train.amp: none" if self.amp_dtype is not None else "")
+                    raise NonFiniteLossError(
+                        f"run {spec.run_hash} ({spec.short()}): loss became {part.item()} at epoch "
+                        f"{epoch} step {step}{self.where} — {advice}"
+                    )
+                if t.accum_steps == 1:
+                    part.backward()
+                    loss, terms = part.detach(), {name: v.detach() for name, v in part_terms.items()}
+                else:
+                    (part / t.accum_steps).backward()
+                    loss = loss + part.detach() / t.accum_steps
+                    for name, v in part_terms.items():
+                        terms[name] = terms.get(name, 0.0) + v.detach() / t.accum_steps
         if t.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad)
         self.opt.step()
         if self.dist_info.world > 1:  # log the global-batch loss (mean of the ranks' equal shares)
-            loss = loss.detach().clone()
+            loss = loss.clone()
             torch.distributed.all_reduce(loss)
             loss /= self.dist_info.world
         return StepResult(
@@ -316,7 +370,7 @@ def train_run(
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dist_info = init_distributed(device)
-    dataset = get_dataset(spec)
+    dataset = get_dataset(spec, record.root)
     model = make_model(spec, dataset).to(device)
     t = spec.train
     code = code_fingerprint(spec)
@@ -333,6 +387,8 @@ def train_run(
         "params_encoder": sum(p.numel() for p in model.encoder_parameters()),
         "params_total": sum(p.numel() for p in model.parameters()),
         "device": str(device),
+        "data": {"storage": "prepared" if dataset.train.mapped else "memory", "prepared": dataset.prepared},
+        "parallel": {"world": dist_info.world, "accum_steps": t.accum_steps},
         "versions": versions(),
         "code": {"parts": code},
     }
@@ -433,18 +489,37 @@ def _pretrain(
     all epochs, wall seconds of earlier attempts)."""
     t = spec.train
     forward = None
+    if t.batch_size % (dist_info.world * t.accum_steps):
+        raise BenchError(
+            f"train.batch_size {t.batch_size} must be a multiple of {dist_info.world} process(es) x "
+            f"train.accum_steps {t.accum_steps}"
+        )
     if dist_info.world > 1:
-        if t.batch_size % dist_info.world:
-            raise BenchError(f"train.batch_size {t.batch_size} must be a multiple of the {dist_info.world} processes")
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     writes = dist_info.main
     train_split = dataset.train.subset(spec.data.train_subset, seed=spec.seed)
     aug = Augment(tuple(t.augment.scale), tuple(t.augment.ratio), t.augment.flip)
-    loader = TensorLoader(
-        train_split, t.batch_size, dataset.mean, dataset.std, device=device, seed=spec.seed, augment=aug
-    )
+    if train_split.mapped:  # read by index from the prepared file, each rank its share
+        from .prepared_loader import PreparedTrainLoader
+
+        loader = PreparedTrainLoader(
+            Path(dataset.prepared) / "train",
+            train_split.rows,
+            t.batch_size,
+            dataset.mean,
+            dataset.std,
+            device,
+            spec.seed,
+            aug,
+            dist_info.rank,
+            dist_info.world,
+        )
+    else:
+        loader = TensorLoader(
+            train_split, t.batch_size, dataset.mean, dataset.std, device=device, seed=spec.seed, augment=aug
+        )
     opt = make_optimizer(model, spec)
     start_epoch, wall_before = 0, 0.0
     state = _load_checkpoint(record, device, code)
