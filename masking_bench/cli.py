@@ -475,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RESULTS,
         help="cache in RESULTS/prepared unless $MASKING_BENCH_PREPARED is set (default: results)",
     )
-    pre.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    pre.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: the cores this process may use)"
+    )
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=_cmd_prepare)
 

@@ -277,6 +277,17 @@ def _locked(path: Path, log: Callable[[str], None]):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity (a SLURM job's allocation), capped by
+    ``$SLURM_CPUS_PER_TASK`` when set; never every core of a big node a job shares."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(cores, int(slurm)) if slurm.isdigit() else cores)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -292,7 +303,7 @@ def prepare(
 ) -> tuple[Prepared, bool]:
     """Prepare (once) the dataset of a suite's ``data`` block; returns (the opened folder, whether this call wrote it).
 
-    ``cache`` defaults to :func:`cache_root`; ``workers`` (default: all cores) decoding processes.
+    ``cache`` defaults to :func:`cache_root`; ``workers`` (default: :func:`usable_cores`) decoding processes.
     """
     import multiprocessing as mp
 
@@ -317,7 +328,7 @@ def prepare(
         t0 = time.perf_counter()
         tmp.mkdir()
         if src.samples is not None:
-            mean, std = _write_imagefolder(tmp, src, workers or os.cpu_count() or 1, progress)
+            mean, std = _write_imagefolder(tmp, src, workers or usable_cores(), progress)
         else:
             mean, std = _write_arrays(tmp, src)
         channels = 3 if src.mode == "RGB" else 1

@@ -143,3 +143,14 @@ def test_nodes_reach_the_slurm_executor():
 
     params = executor_parameters(LauncherConfig(kind="slurm", nodes=4, tasks_per_node=8, gpus_per_node=8), "slurm", "s")
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (4, 8, 8)
+
+
+def test_preparing_inside_a_job_uses_the_jobs_cores_not_the_nodes(monkeypatch):
+    import os
+
+    from masking_bench.prepared import usable_cores
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert usable_cores() == 1

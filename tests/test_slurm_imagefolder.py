@@ -150,7 +150,9 @@ def test_imagefolder_suite_prepared_then_one_slurm_array(cluster, in_repo, tree,
         summary = rec.read_summary()
         assert summary["run_hash"] == spec.run_hash
         assert summary["data"] == {"storage": "prepared", "prepared": str(folders[spec.data.image_size])}
-        assert math.isfinite(summary["probe_top1"]) and 0 <= summary["probe_top1"] <= 1, summary
+        assert math.isfinite(summary["probe_top1"]) and 0 <= summary["probe_top1"] <= 100, summary  # percent
+        # class-dependent stripes and tints: labels still line up with the mapped images (chance is 25 %)
+        assert summary["knn_top1"] > 60, summary
     assert len(arrays) == 1, arrays  # one job array for the whole suite
     assert len({RunRecord(results, s).status()["job_id"] for s in specs}) == len(specs)
     assert _prepared_folders(results) == folders  # the jobs reused the folders, wrote no other
@@ -173,7 +175,7 @@ def test_imagefolder_suite_prepared_then_one_slurm_array(cluster, in_repo, tree,
         ("data.image_size=24", "block"),
         ("data.image_size=24", "random"),
     ], acc
-    assert (probe["seeds"] == 1).all() and probe["top1_mean"].between(0, 1).all()
+    assert (probe["seeds"] == 1).all() and probe["top1_mean"].between(0, 100).all()
     by_cell = {(v, s): t for v, s, t in zip(probe["variant"], probe["strategy"], probe["top1_mean"], strict=True)}
     for spec in specs:
         key = (f"data.image_size={spec.data.image_size}", spec.strategy.name)
