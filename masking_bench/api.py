@@ -214,7 +214,7 @@ def plan_masks(
     against the strategy contract as in training (docs/strategies.md).
     """
     from .masking import PlanContext
-    from .train import _call_strategy
+    from .step import _call_strategy
 
     if not isinstance(strategy, MaskingStrategy):
         raise BenchError(

@@ -4,7 +4,7 @@ Every figure is a RATIO of two things measured side by side in the same process:
 interleaved round by round (order alternating), each round is timed on its own and the medians are
 compared, so a machine that is busy with something else slows both sides alike. The figures:
 
-1. ``step_vs_reference``: the product's training step (the trainer's own ``train.TrainStep``: lr,
+1. ``step_vs_reference``: the product's training step (the trainer's own ``step.TrainStep``: lr,
    seeded plan, plan check, forward, loss, backward, clipping, AdamW, loss read-back)
    against a plain MAE step written here (official ``models_mae.py`` structure: timm blocks,
    gather-based random masking, fp32, plain AdamW, no tricks) at the same size, batch and ratio.
@@ -34,8 +34,9 @@ from .data import Augment, Dataset, TensorLoader, load_dataset, make_synthetic
 from .errors import DataMissingError
 from .masking import build_strategy
 from .reference_mae import ReferenceStep
+from .step import TrainStep, mask_seed
 from .timing import interleaved, machine_info, native_bf16
-from .train import TrainStep, make_model, make_optimizer, mask_seed, pick_device, training_flops_per_image
+from .train import make_model, make_optimizer, pick_device, training_flops_per_image
 
 # The strategies whose planning share is measured (label -> (registry name, params)).
 PLAN_STRATEGIES: dict[str, tuple[str, dict]] = {
@@ -152,7 +153,7 @@ def make_setup(
 
 
 class ProductStep:
-    """One optimizer step of the product's trainer: its own :class:`~masking_bench.train.TrainStep`.
+    """One optimizer step of the product's trainer: its own :class:`~masking_bench.step.TrainStep`.
 
     Variants (opt-in, measured here only — the trainer does not have them):
       compile: ``torch.compile`` the model's forward (passed through the step's ``forward`` hook);

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import FinetuneConfig, RunSpec
+from .config import RunSpec
+from .config_sections import FinetuneConfig
 from .data import Augment, Dataset, TensorLoader
 from .models import build_model
 

@@ -32,7 +32,7 @@ from typing import Any
 ENGINE = Path(__file__).resolve().parent
 ENGINE_PARTS: dict[str, tuple[str, ...]] = {
     "model": ("models.py",),
-    "trainer": ("train.py",),
+    "trainer": ("train.py", "step.py"),
     "data": ("data.py", "prepared.py", "prepared_loader.py"),
     "evaluation": ("evaluate.py",),
     "contract": ("masking.py",),

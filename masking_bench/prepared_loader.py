@@ -201,7 +201,7 @@ class PreparedTrainLoader:
 
     Each DDP rank reads only its share of the global batch from the file (:class:`PreparedLoader`);
     the shares are then gathered, so every rank holds the global uint8 batch (the masking plan is made
-    on the global batch, :func:`masking_bench.train.forward_losses`), and the batch is augmented and
+    on the global batch, :func:`masking_bench.step.forward_losses`), and the batch is augmented and
     normalised on the device by the loader's own :class:`masking_bench.data.BatchTransform`. Same
     order, same crops, same bytes: the numbers of an in-memory run, at any world size.
     """

@@ -8,13 +8,13 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 # A suite's name is a folder name (results/runs/<name>/, results/records/<name>/): one path component
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 SAFE_NAME_RULE = "1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
 # Seeds feed torch generators, which take values below 2**64. The largest derived seed is
-# train.mask_seed(seed, epoch, step) ≈ seed * 7.9e14 (+ epoch * 1e5 + step), so seed <= 23_293 fits;
+# step.mask_seed(seed, epoch, step) ≈ seed * 7.9e14 (+ epoch * 1e5 + step), so seed <= 23_293 fits;
 # 20_000 leaves room for any epoch/step count (tests/test_config.py checks it against mask_seed).
 MAX_SEED = 20_000
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -98,3 +98,9 @@ Ratio = Annotated[float, Field(allow_inf_nan=True), BeforeValidator(_ratio_not_b
 Seed = Annotated[int, BeforeValidator(_seed)]
 Plain = Annotated[dict[str, Any], AfterValidator(plain_data)]
 PathText = Annotated[str, AfterValidator(_path_text)]
+
+
+class StrictModel(BaseModel):
+    """A schema section: unknown fields and non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

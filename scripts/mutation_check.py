@@ -47,7 +47,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- trainer
     Mutation(
         "seed_ignores_step",
-        "masking_bench/train.py",
+        "masking_bench/step.py",
         "self.gen.manual_seed(mask_seed(spec.seed, epoch, step))",
         "self.gen.manual_seed(mask_seed(spec.seed, epoch, 0))",
         ("tests/test_train_step.py",),
@@ -55,7 +55,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "mask_seed_drops_step",
-        "masking_bench/train.py",
+        "masking_bench/step.py",
         "return ((seed * 7_919 + 17) * 1_000_003 + epoch) * 100_003 + step",
         "return ((seed * 7_919 + 17) * 1_000_003 + epoch) * 100_003",
         ("tests/test_train_step.py",),
@@ -63,7 +63,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "warmup_halved",
-        "masking_bench/train.py",
+        "masking_bench/step.py",
         "return peak * epoch / t.warmup_epochs",
         "return 0.5 * peak * epoch / t.warmup_epochs",
         ("tests/test_train_step.py",),
@@ -71,7 +71,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "grad_clip_dropped",
-        "masking_bench/train.py",
+        "masking_bench/step.py",
         "        if t.clip_grad:\n            torch.nn.utils.clip_grad_norm_(",
         "        if False:\n            torch.nn.utils.clip_grad_norm_(",
         ("tests/test_train_step.py",),

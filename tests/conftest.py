@@ -175,6 +175,20 @@ def ctx_for(model_or_grid, seed: int = 0, epoch: int = 0, *, method: str | None 
     return PlanContext(model, grid, torch.Generator().manual_seed(seed), epoch=epoch, method=method or default)
 
 
+def assert_one_line_error(name: str, params: dict, fragments, method: str = "mae") -> None:
+    """``build_strategy(name, 0.75, method, params)`` raises a :class:`BenchError` whose message is one
+    line, names the strategy (quoted) and contains every one of ``fragments``."""
+    from masking_bench.errors import BenchError
+    from masking_bench.masking import build_strategy
+
+    with pytest.raises(BenchError) as err:
+        build_strategy(name, 0.75, method, params)
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{name}'" in msg
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
 def blank_images(n: int):
     """``n`` black 1x28x28 images, for strategies that read only the batch size."""
     import torch

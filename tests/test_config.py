@@ -372,11 +372,11 @@ def test_seeds_are_non_negative_integers(tmp_path, tiny_suite, seeds):
 
 
 def test_largest_seed_keeps_every_generator_seed_valid(tiny_suite):
-    """train.mask_seed and the loader's crop seeds grow with the seed; torch takes seeds below 2**64."""
+    """step.mask_seed and the loader's crop seeds grow with the seed; torch takes seeds below 2**64."""
     import torch
 
     from masking_bench.data import Augment, Split, TensorLoader
-    from masking_bench.train import mask_seed
+    from masking_bench.step import mask_seed
     from masking_bench.values import MAX_SEED
 
     tiny_suite["seeds"] = [0, 42, 12345, MAX_SEED]

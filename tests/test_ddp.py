@@ -99,7 +99,7 @@ def test_each_rank_computes_only_its_share_of_the_global_plan():
 
     from masking_bench.masking import build_strategy
     from masking_bench.models import build_model
-    from masking_bench.train import DistInfo, forward_losses
+    from masking_bench.step import DistInfo, forward_losses
 
     torch.manual_seed(0)
     model = build_model("cpu-tiny", "mae", 28, 1)

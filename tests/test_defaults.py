@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from masking_bench.config import EvalConfig, LowShotConfig, Suite, expand, load_suite, parse_suite
+from masking_bench.config import EvalConfig, Suite, expand, load_suite, parse_suite
+from masking_bench.config_sections import LowShotConfig
 from masking_bench.precision import Hardware
 from masking_bench.schema_doc import COMMENTS, EXAMPLES, example_suite, readme_block, render_default_suite
 from masking_bench.status import run_rows

@@ -14,7 +14,7 @@ import torch
 from conftest import needs_fashion
 from torch import nn
 
-from masking_bench.config import EvalConfig, KnnConfig, LowShotConfig, ProbeConfig
+from masking_bench.config_sections import EvalConfig, KnnConfig, LowShotConfig, ProbeConfig
 from masking_bench.evaluate import (
     evaluate_encoder,
     extract_features,

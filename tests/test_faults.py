@@ -351,7 +351,8 @@ def test_nan_advice_matches_the_precision():
     from masking_bench.errors import NonFiniteLossError
     from masking_bench.masking import build_strategy
     from masking_bench.models import build_model
-    from masking_bench.train import TrainStep, make_optimizer
+    from masking_bench.step import TrainStep
+    from masking_bench.train import make_optimizer
 
     (spec,) = expand(parse_suite(tiny("nan", epochs=1)))
     model = build_model("cpu-tiny", "mae", 28, 1)

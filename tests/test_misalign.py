@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from conftest import ctx_for
+from conftest import assert_one_line_error, ctx_for
 
 from masking_bench.errors import BenchError
 from masking_bench.masking import build_strategy
 from masking_bench.models import patchify, unpatchify
+from masking_bench.step import forward_losses
 from masking_bench.strategies.misalign import big_size
-from masking_bench.train import forward_losses
 
 L = 49
 N = 4
@@ -312,12 +312,7 @@ def test_pixel_stats_do_not_touch_unnormalised_losses(method, norm_pix):
     ],
 )
 def test_invalid_parameters_are_one_line_errors(params, fragments):
-    with pytest.raises(BenchError) as err:
-        build_strategy("misalign", 0.75, "mae", params)
-    msg = str(err.value)
-    assert "\n" not in msg and "'misalign'" in msg
-    for fragment in fragments:
-        assert fragment in msg, (fragment, msg)
+    assert_one_line_error("misalign", params, fragments)
 
 
 @pytest.mark.parametrize(

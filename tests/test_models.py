@@ -204,25 +204,29 @@ def test_mae_ragged_extreme_counts(mae, batch):
 # ---------------------------------------------------------------------------- mask-token isolation
 
 
-def _with_mask_token(model, value_fn):
-    old = model.mask_token.data.clone()
-    model.mask_token.data.copy_(value_fn(old))
-    return old
+def _preds_before_and_after_mask_token_change(model, batch, mask, value_fn):
+    """``{isolate: (pred, pred with the mask token set to value_fn(old token))}`` for isolate True and False;
+    the mask token is restored after each change."""
+    res = {}
+    with torch.no_grad():
+        for isolate in (True, False):
+            a = model(batch, mask, isolate_mask_tokens=isolate).pred
+            old = model.mask_token.data.clone()
+            model.mask_token.data.copy_(value_fn(old))
+            try:
+                b = model(batch, mask, isolate_mask_tokens=isolate).pred
+            finally:
+                model.mask_token.data.copy_(old)
+            res[isolate] = (a, b)
+    return res
 
 
 def test_simmim_isolation_visible_outputs_ignore_mask_token(simmim, batch):
     mask = masks_with_counts([30, 37, 20, 40, 25, 35])
     gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        results = {}
-        for isolate in (True, False):
-            a = simmim(batch, mask, isolate_mask_tokens=isolate).pred
-            old = _with_mask_token(simmim, lambda t: torch.randn(t.shape, generator=gen))
-            try:
-                b = simmim(batch, mask, isolate_mask_tokens=isolate).pred
-            finally:
-                simmim.mask_token.data.copy_(old)
-            results[isolate] = (a, b)
+    results = _preds_before_and_after_mask_token_change(
+        simmim, batch, mask, lambda t: torch.randn(t.shape, generator=gen)
+    )
     a, b = results[True]
     close(a[~mask], b[~mask])  # visible queries never attend to a mask-token key
     assert (a[mask] - b[mask]).abs().max() > 1e-2  # hidden positions do read the mask token
@@ -256,17 +260,10 @@ def test_simmim_isolated_visible_outputs_equal_an_encoder_of_visible_tokens_only
 
 def test_mae_decoder_isolation(mae, batch):
     mask = masks_with_counts([37, 30, 37, 40, 37, 25])
-    with torch.no_grad():
-        res = {}
-        for isolate in (True, False):
-            a = mae(batch, mask, isolate_mask_tokens=isolate).pred
-            # not a constant shift: every block starts with a LayerNorm, which removes one
-            old = _with_mask_token(mae, lambda t: torch.randn(t.shape, generator=torch.Generator().manual_seed(6)))
-            try:
-                b = mae(batch, mask, isolate_mask_tokens=isolate).pred
-            finally:
-                mae.mask_token.data.copy_(old)
-            res[isolate] = (a, b)
+    # not a constant shift: every block starts with a LayerNorm, which removes one
+    res = _preds_before_and_after_mask_token_change(
+        mae, batch, mask, lambda t: torch.randn(t.shape, generator=torch.Generator().manual_seed(6))
+    )
     a, b = res[True]
     close(a[~mask], b[~mask])
     assert (a[mask] - b[mask]).abs().max() > 1e-3

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import ctx_for
+from conftest import assert_one_line_error, ctx_for
 
 from masking_bench.errors import BenchError
 from masking_bench.masking import build_strategy
 from masking_bench.models import patchify, unpatchify
+from masking_bench.step import forward_losses
 from masking_bench.strategies.mto import depth_weights, mto_terms
-from masking_bench.train import forward_losses
 
 L = 49  # cpu-tiny at 28 px: 7x7 tokens
 N = 4
@@ -64,6 +64,17 @@ def _perturb_hidden(images, mask, p=4):
     return unpatchify(tokens, p, images.shape[1], (7, 7))
 
 
+def _preds_with_shifted_mask_token(model, images, mask):
+    """The isolated and the non-isolated predictions while seeded noise is added to the model's mask
+    token (restored afterwards)."""
+    saved = model.mask_token.data.clone()
+    try:
+        model.mask_token.data += torch.randn(saved.shape, generator=torch.Generator().manual_seed(3))
+        return model(images, mask, isolate_mask_tokens=True).pred, model(images, mask, isolate_mask_tokens=False).pred
+    finally:
+        model.mask_token.data.copy_(saved)
+
+
 @torch.no_grad()
 def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(models, noise_images, fresh_model):
     model = fresh_model("simmim")
@@ -74,13 +85,7 @@ def test_simmim_isolation_makes_visible_outputs_independent_of_mask_tokens(model
     base_free = model(noise_images, mask, isolate_mask_tokens=False).pred
     # hidden content never reaches a SimMIM encoder (its embeddings are replaced), isolated or not
     assert torch.allclose(model(other, mask, isolate_mask_tokens=True).pred[vis], base_iso[vis], atol=1e-5)
-    saved = model.mask_token.data.clone()
-    try:
-        model.mask_token.data += torch.randn(saved.shape, generator=torch.Generator().manual_seed(3))
-        iso = model(other, mask, isolate_mask_tokens=True).pred
-        free = model(other, mask, isolate_mask_tokens=False).pred
-    finally:
-        model.mask_token.data.copy_(saved)
+    iso, free = _preds_with_shifted_mask_token(model, other, mask)
     assert torch.allclose(iso[vis], base_iso[vis], atol=1e-5)  # visible tokens never aggregate mask tokens
     assert not torch.allclose(free[vis], base_free[vis], atol=1e-3)  # ... while without isolation they do
     assert not torch.allclose(iso[mask], base_iso[mask], atol=1e-3)  # hidden queries still see them
@@ -94,13 +99,7 @@ def test_mae_isolation_in_decoder(models, noise_images, fresh_model):
     base_iso = model(noise_images, mask, isolate_mask_tokens=True).pred
     base_free = model(noise_images, mask, isolate_mask_tokens=False).pred
     assert torch.allclose(model(_perturb_hidden(noise_images, mask), mask, True).pred[vis], base_iso[vis], atol=1e-5)
-    saved = model.mask_token.data.clone()
-    try:
-        model.mask_token.data += torch.randn(saved.shape, generator=torch.Generator().manual_seed(3))
-        iso = model(noise_images, mask, isolate_mask_tokens=True).pred
-        free = model(noise_images, mask, isolate_mask_tokens=False).pred
-    finally:
-        model.mask_token.data.copy_(saved)
+    iso, free = _preds_with_shifted_mask_token(model, noise_images, mask)
     assert torch.allclose(iso[vis], base_iso[vis], atol=1e-5)
     assert not torch.allclose(free[vis], base_free[vis], atol=1e-3)
 
@@ -248,12 +247,7 @@ def test_zero_lambdas_give_plain_recon(models, noise_images, method):
     ],
 )
 def test_invalid_parameters_are_one_line_errors(params, fragments):
-    with pytest.raises(BenchError) as err:
-        build_strategy("mto", 0.75, "mae", params)
-    msg = str(err.value)
-    assert "\n" not in msg and "'mto'" in msg
-    for fragment in fragments:
-        assert fragment in msg, (fragment, msg)
+    assert_one_line_error("mto", params, fragments)
 
 
 @pytest.mark.parametrize(

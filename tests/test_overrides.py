@@ -87,7 +87,7 @@ def test_name_override_lifts_the_file_name_rule(tmp_path):
     [
         (
             "train.epochz=2",
-            ("--set train.epochz=2: unknown field 'epochz' in train; accepted: epochs, batch_size, base_lr",),
+            ("--set train.epochz=2: unknown field 'epochz' in train; accepted: epochs, batch_size, accum_steps",),
         ),
         ("epochz=2", ("--set epochz=2: unknown field 'epochz' in the suite; accepted: name, description",)),
         ("train.epochs", ("--set train.epochs: expected PATH=VALUE",)),

@@ -1,7 +1,7 @@
 """Every built-in strategy at the papers' shapes: ``vit-base`` on 224-px RGB (3×224×224, 14×14 tokens).
 
 For each strategy × MIM method it supports (``methods``; sbam_amr in both ``batch`` and ragged
-``sample`` mode), two optimizer steps of the trainer's own step (``train.TrainStep``, fp32, batch 2,
+``sample`` mode), two optimizer steps of the trainer's own step (``step.TrainStep``, fp32, batch 2,
 on CPU) from a run built by ``config.parse_suite`` + ``expand``, then the evaluation's feature
 function (``evaluate.extract_features``) on a batch. Checked: finite losses (and each named term),
 every parameter that received a gradient moved, realised masks with the strategy's token counts
@@ -23,7 +23,8 @@ from masking_bench.config import expand, parse_suite
 from masking_bench.data import Augment, TensorLoader, make_synthetic
 from masking_bench.evaluate import extract_features
 from masking_bench.masking import available, build_strategy, num_hidden
-from masking_bench.train import TrainStep, make_model, make_optimizer
+from masking_bench.step import TrainStep
+from masking_bench.train import make_model, make_optimizer
 
 pytestmark = pytest.mark.real_shapes
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import blank_images, ctx_for
+from conftest import assert_one_line_error, blank_images, ctx_for
 
 from masking_bench.data import make_synthetic
 from masking_bench.errors import BenchError
@@ -373,12 +373,7 @@ def test_describe_and_validation():
     ],
 )
 def test_invalid_parameters_are_one_line_errors(name, params, fragments):
-    with pytest.raises(BenchError) as err:
-        build_strategy(name, 0.75, params=params)
-    msg = str(err.value)
-    assert "\n" not in msg and f"'{name}'" in msg
-    for fragment in fragments:
-        assert fragment in msg, (fragment, msg)
+    assert_one_line_error(name, params, fragments)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import flaky_plugin
+from test_launch import MICRO, TINY_EVAL, tiny_suite  # the micro suite of the launcher tests without a cluster
 
 from masking_bench import cli
 from masking_bench.config import expand, parse_suite
@@ -27,11 +28,6 @@ from masking_bench.store import RunRecord
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
-MICRO = {
-    "preset": "cpu-tiny",
-    "overrides": {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_dim": 32, "decoder_heads": 2},
-}
-TINY_EVAL = {"probe": {"epochs": 1, "train_subset": 128, "test_subset": 64}, "low_shot": None, "random_init": False}
 LAUNCHER = {"kind": "slurm", "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 15}
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
 
@@ -110,6 +106,25 @@ def _slow_suite(name: str, slow: str, epochs: int, seed: int) -> dict:
     }
 
 
+def _slow_record(tmp_path: Path, slow: str, name: str, epochs: int, seed: int):
+    """The suite file (written), results folder, run spec and record of the one run of a :func:`_slow_suite`."""
+    raw = _slow_suite(name, slow, epochs=epochs, seed=seed)
+    suite = _write_suite(tmp_path / f"{name}.yaml", raw)
+    results = tmp_path / "results"
+    spec = expand(parse_suite(raw))[0]
+    return suite, results, spec, RunRecord(results, spec)
+
+
+def _micro_suite(name: str, **changes) -> dict:
+    """test_launch's ``tiny_suite`` (one epoch of random masking, ratio 0.75, seed 0, on 128 synthetic 16x16
+    images with the MICRO model) through SLURM. A dict in ``changes`` updates the suite's dict of that key
+    (``train={"epochs": 2}``); any other value sets the key."""
+    raw = tiny_suite(name, launcher=LAUNCHER)
+    for key, value in changes.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    return raw
+
+
 @pytest.fixture
 def in_repo(monkeypatch):
     # jobs inherit the submitter's working directory; from the repo root the package always imports
@@ -150,22 +165,27 @@ def _wait(pred, timeout: float, what: str, record: RunRecord, step: float = 0.2)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{_diagnostics(record)}")
 
 
+def _wait_for_first_checkpoint(record: RunRecord) -> None:
+    _wait(
+        lambda: record.checkpoint_path.is_file() and record.status().get("state") == "running",
+        180,
+        "the first epoch checkpoint",
+        record,
+    )
+
+
 def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path, capsys):
     """Smoke-like suite as job arrays (max_array_size 2 -> 2 arrays); one run fails, then is retried."""
     (tmp_path / "flaky_slurm.py").write_text(FLAKY_PLUGIN)
     flag = tmp_path / "flaky.fail"
     flag.write_text("inside the SLURM job")
-    raw = {
-        "name": "slurm_smoke",
-        "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
-        "model": MICRO,
-        "strategies": ["random", "flaky_slurm"],
-        "ratios": [0.75],
-        "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5},
-        "eval": {**TINY_EVAL, "random_init": True},
-        "plugins": [str(tmp_path / "flaky_slurm.py")],
-        "launcher": {**LAUNCHER, "max_array_size": 2},
-    }
+    raw = _micro_suite(
+        "slurm_smoke",
+        strategies=["random", "flaky_slurm"],
+        eval={"random_init": True},
+        plugins=[str(tmp_path / "flaky_slurm.py")],
+        launcher={"max_array_size": 2},
+    )
     suite = _write_suite(tmp_path / "slurm_smoke.yaml", raw)
     results = tmp_path / "results"
     t0 = time.perf_counter()
@@ -230,16 +250,7 @@ def test_suite_through_slurm_records_status_and_retry(cluster, in_repo, tmp_path
 
 def test_one_run_latency_through_slurm(cluster, in_repo, tmp_path, capsys):
     """Submit-to-result latency of one tiny run, against the same run in-process."""
-    raw = {
-        "name": "slurm_one",
-        "data": {"name": "synthetic", "image_size": 16, "train_subset": 128},
-        "model": MICRO,
-        "strategies": ["random"],
-        "ratios": [0.75],
-        "train": {"epochs": 1, "batch_size": 64, "warmup_epochs": 0.5},
-        "eval": TINY_EVAL,
-        "launcher": LAUNCHER,
-    }
+    raw = _micro_suite("slurm_one")
     suite = _write_suite(tmp_path / "one.yaml", raw)
     t0 = time.perf_counter()
     assert cli.main(["run", str(suite), "--results", str(tmp_path / "r"), "--no-progress", "--no-wait"]) == 0
@@ -258,21 +269,12 @@ def test_one_run_latency_through_slurm(cluster, in_repo, tmp_path, capsys):
 def test_requeue_mid_run_resumes_and_matches_uninterrupted(cluster, in_repo, slow, tmp_path, capsys):
     """`scontrol requeue` after the first epoch checkpoint: the job is killed, restarts, resumes from the
     checkpoint and ends with exactly the numbers of an uninterrupted run."""
-    raw = _slow_suite("slurm_requeue", slow, epochs=8, seed=3)
-    suite = _write_suite(tmp_path / "requeue.yaml", raw)
-    results = tmp_path / "results"
-    spec = expand(parse_suite(raw))[0]
-    rec = RunRecord(results, spec)
+    suite, results, spec, rec = _slow_record(tmp_path, slow, "slurm_requeue", epochs=8, seed=3)
     assert cli.main(["run", str(suite), "--results", str(results), "--no-progress", "--no-wait"]) == 0
     job_id = rec.status()["job_id"]
     assert JOB_ID.match(job_id)
 
-    _wait(
-        lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running",
-        180,
-        "the first epoch checkpoint",
-        rec,
-    )
+    _wait_for_first_checkpoint(rec)
     epochs_before = len(rec.read_metrics())
     assert epochs_before < spec.train.epochs - 3, "the run is too fast for this test"
     t_requeue = time.perf_counter()
@@ -314,19 +316,10 @@ def test_requeue_mid_run_resumes_and_matches_uninterrupted(cluster, in_repo, slo
 def test_preemption_signal_checkpoints_and_requeues(cluster, in_repo, slow, tmp_path, capsys):
     """submitit's preemption path (SIGTERM + USR2, as `job._interrupt()`): RunJob.checkpoint marks the
     record pending/requeued, submitit requeues the job, and the run resumes and finishes."""
-    raw = _slow_suite("slurm_preempt", slow, epochs=5, seed=4)
-    suite = _write_suite(tmp_path / "preempt.yaml", raw)
-    results = tmp_path / "results"
-    spec = expand(parse_suite(raw))[0]
-    rec = RunRecord(results, spec)
+    suite, results, spec, rec = _slow_record(tmp_path, slow, "slurm_preempt", epochs=5, seed=4)
     assert cli.main(["run", str(suite), "--results", str(results), "--no-progress", "--no-wait"]) == 0
     job_id = rec.status()["job_id"]
-    _wait(
-        lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running",
-        180,
-        "the first epoch checkpoint",
-        rec,
-    )
+    _wait_for_first_checkpoint(rec)
     import submitit
 
     t0 = time.perf_counter()
@@ -353,16 +346,7 @@ def test_preemption_signal_checkpoints_and_requeues(cluster, in_repo, slow, tmp_
 def test_data_parallel_run_through_slurm(cluster, in_repo, tmp_path, capsys):
     """tasks_per_node: 2 -> one job, two gloo processes (torchrun variables from submitit); rank 0 owns the
     record, and the loss curve follows the single-process run."""
-    raw = {
-        "name": "slurm_ddp",
-        "data": {"name": "synthetic", "image_size": 16, "train_subset": 256},
-        "model": MICRO,
-        "strategies": ["random"],
-        "ratios": [0.75],
-        "train": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5},
-        "eval": TINY_EVAL,
-        "launcher": {**LAUNCHER, "tasks_per_node": 2},
-    }
+    raw = _micro_suite("slurm_ddp", data={"train_subset": 256}, train={"epochs": 2}, launcher={"tasks_per_node": 2})
     suite = _write_suite(tmp_path / "ddp.yaml", raw)
     results = tmp_path / "results"
     code = cli.main(["run", str(suite), "--results", str(results), "--no-progress"])
@@ -386,22 +370,13 @@ def test_cancelled_job_is_reported_and_the_next_run_resumes(cluster, in_repo, sl
     `status` shows it, and the next `run` submits a new job that resumes from the checkpoint."""
     import threading
 
-    raw = _slow_suite("slurm_cancel", slow, epochs=5, seed=6)
-    suite = _write_suite(tmp_path / "cancel.yaml", raw)
-    results = tmp_path / "results"
-    spec = expand(parse_suite(raw))[0]
-    rec = RunRecord(results, spec)
+    suite, results, spec, rec = _slow_record(tmp_path, slow, "slurm_cancel", epochs=5, seed=6)
     codes = []
     waiter = threading.Thread(
         target=lambda: codes.append(cli.main(["run", str(suite), "--results", str(results), "--no-progress"]))
     )
     waiter.start()
-    _wait(
-        lambda: rec.checkpoint_path.is_file() and rec.status().get("state") == "running",
-        180,
-        "the first epoch checkpoint",
-        rec,
-    )
+    _wait_for_first_checkpoint(rec)
     job_id = rec.status()["job_id"]
     subprocess.run(["scancel", job_id], check=True)
     waiter.join(timeout=120)

@@ -73,40 +73,36 @@ def opened_for_writing(monkeypatch):
         if isinstance(path, (str, bytes, os.PathLike)):
             seen.append(pathlib.Path(os.fsdecode(path)).resolve())
 
-    def spy_open(file, mode="r", *args, **kwargs):
-        if _writes(mode):
-            note(file)
-        return real_open(file, mode, *args, **kwargs)
+    def mode_spy(real):
+        """``real(file, mode, ...)`` (open, io.open, Path.open), noting ``file`` when ``mode`` writes."""
 
-    def spy_io_open(file, mode="r", *args, **kwargs):
-        if _writes(mode):
-            note(file)
-        return real_io_open(file, mode, *args, **kwargs)
+        def spy(file, mode="r", *args, **kwargs):
+            if _writes(mode):
+                note(file)
+            return real(file, mode, *args, **kwargs)
+
+        return spy
+
+    def write_spy(real):
+        """``real(path, ...)`` (Path.write_text, Path.write_bytes), always noting ``path``."""
+
+        def spy(self, *args, **kwargs):
+            note(self)
+            return real(self, *args, **kwargs)
+
+        return spy
 
     def spy_os_open(path, flags, *args, **kwargs):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND):
             note(path)
         return real_os_open(path, flags, *args, **kwargs)
 
-    def spy_path_open(self, mode="r", *args, **kwargs):
-        if _writes(mode):
-            note(self)
-        return real_path_open(self, mode, *args, **kwargs)
-
-    def spy_write_text(self, *args, **kwargs):
-        note(self)
-        return real_write_text(self, *args, **kwargs)
-
-    def spy_write_bytes(self, *args, **kwargs):
-        note(self)
-        return real_write_bytes(self, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", spy_open)
-    monkeypatch.setattr(io, "open", spy_io_open)
+    monkeypatch.setattr(builtins, "open", mode_spy(real_open))
+    monkeypatch.setattr(io, "open", mode_spy(real_io_open))
     monkeypatch.setattr(os, "open", spy_os_open)
-    monkeypatch.setattr(pathlib.Path, "open", spy_path_open)
-    monkeypatch.setattr(pathlib.Path, "write_text", spy_write_text)
-    monkeypatch.setattr(pathlib.Path, "write_bytes", spy_write_bytes)
+    monkeypatch.setattr(pathlib.Path, "open", mode_spy(real_path_open))
+    monkeypatch.setattr(pathlib.Path, "write_text", write_spy(real_write_text))
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_spy(real_write_bytes))
     return seen
 
 

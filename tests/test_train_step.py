@@ -1,4 +1,4 @@
-"""The trainer's one step (masking_bench.train.TrainStep): mask seeding per (seed, epoch, step) and the
+"""The trainer's one step (masking_bench.step.TrainStep): mask seeding per (seed, epoch, step) and the
 learning-rate schedule it applies. Runs real cpu-tiny steps on 8 random images (fp32)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from masking_bench.config import expand, parse_suite
 from masking_bench.masking import PlanContext, build_strategy
 from masking_bench.models import build_model
+from masking_bench.step import TrainStep, lr_at, mask_seed
 from masking_bench.strategies.random_masking import RandomMasking
-from masking_bench.train import TrainStep, lr_at, make_optimizer, mask_seed
+from masking_bench.train import make_optimizer
 
 STEPS_PER_EPOCH = 4
 BASE_LR, BATCH, MIN_LR = 1.0e-3, 64, 1.0e-5
