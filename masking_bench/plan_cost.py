@@ -16,9 +16,9 @@ measured on synthetic images of that shape.
   40 % model-FLOPs utilisation. GPU-hours do not depend on how many GPUs share a run.
 - Peak memory per GPU: 16 B per parameter (fp32 weights, gradients, AdamW's two moments) + the
   tensors autograd saves for backward, measured in fp32 in the counting step and scaled linearly
-  to the per-GPU batch (``train.batch_size`` / DDP processes) + the training split when the loader
-  keeps it on the device (≤ 2 GiB, :class:`~masking_bench.data.TensorLoader`). fp32 activations
-  bound a bf16 run's from above; the CUDA context, allocator slack and evaluation are not counted.
+  to the per-GPU micro-batch (``train.batch_size`` / DDP processes / ``train.accum_steps``) + the
+  training split when the loader keeps it on the device (≤ 2 GiB, :class:`~masking_bench.data.TensorLoader`).
+  fp32 activations bound a bf16 run's from above; the CUDA context, allocator slack and evaluation are not counted.
 - Data: images × C × S × S bytes as uint8 (the in-memory copy a run decodes; prepared on-disk data
   has the same size). ImageFolder sizes come from :data:`KNOWN_IMAGEFOLDERS` (by ``data.root``'s
   folder name), else from counting the files under the root (no image is decoded).
@@ -330,13 +330,15 @@ def cost_footer(
         f"  GPU: {gpu_tflops:g} TFLOP/s x {mfu:.0%} MFU = {gpu_tflops * mfu:g} TFLOP/s sustained"
         + (" (default: an A100's bf16 dense peak at an assumed 40% MFU; --gpu-tflops, --mfu)" if default else ""),
         f"  wall: GPU-h / {world} GPU{'s' if world > 1 else ''} per run = at most {_figure(longest)} h per run",
-        "  GFLOP/img: one pre-training step's forward + backward per image (train.training_flops_per_image) on a "
+        "  GFLOP/img: one pre-training step's forward + backward per image (the trainer's "
+        "training_flops_per_image) on a "
         f"fresh model, batch {COUNT_BATCH} of synthetic images of the run's shape (adaptive ratios: the fresh "
         "model's)",
         "  PFLOP: GFLOP/img x images per epoch x epochs + one forward per evaluated image (final and eval.every "
         "evaluations) + fine-tuning as 3 forwards per image per epoch",
         f"  mem/GPU: 16 B/parameter (fp32 weights, grads, AdamW) + fp32 activations saved for backward scaled "
-        f"to the per-GPU batch (train.batch_size / {world} process{'es' if world > 1 else ''}) + device-resident "
+        f"to the per-GPU micro-batch (train.batch_size / {world} process{'es' if world > 1 else ''} / "
+        "train.accum_steps) + device-resident "
         "data; no CUDA context, no evaluation",
     ]
     seen = set()

@@ -116,6 +116,12 @@ def test_memory_per_gpu_shares_the_batch_across_processes(tiny_suite, tmp_path):
         resident = 512 * 28 * 28  # the synthetic training split lives on the device
         assert a["_mem"] == pytest.approx(params * PARAM_BYTES + act * BATCH + resident, rel=1e-9)
     assert any("/ 8 processes" in line for line in footer)
+    # gradient accumulation: 2 processes x 4 micro-batches hold the activations of an eighth of the batch
+    accumulated = [s.model_copy(update={"train": s.train.model_copy(update={"accum_steps": 4})}) for s in specs]
+    two_by_four, _ = costed(accumulated, tmp_path, world=2)
+    for spec, a, b in zip(specs, eight, two_by_four, strict=True):
+        if spec.kind == "pretrain":
+            assert b["_mem"] == pytest.approx(a["_mem"], rel=1e-12)
 
 
 def test_data_sizes_without_reading_the_data(tmp_path):
