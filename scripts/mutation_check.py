@@ -77,6 +77,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_train_step.py",),
         "train.clip_grad silently ignored",
     ),
+    Mutation(
+        "accum_unscaled",
+        "masking_bench/step.py",
+        "(part / t.accum_steps).backward()",
+        "part.backward()",
+        ("tests/test_prepared_training.py::test_accumulation_keeps_the_hash_masks_and_losses",),
+        "gradient accumulation would sum the micro-batches' gradients instead of averaging them",
+    ),
+    Mutation(
+        "prepared_order_unshuffled",
+        "masking_bench/prepared_loader.py",
+        "perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).numpy()",
+        "perm = np.arange(self.n)",
+        ("tests/test_prepared_training.py::test_prepared_storage_gives_the_numbers_of_memory",),
+        "training from prepared data would read the images in file order, not the seeded epoch order",
+    ),
     # --- store
     Mutation(
         "store_direct_write",
