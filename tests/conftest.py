@@ -45,9 +45,12 @@ needs_fashion = pytest.mark.skipif(not have_fashion_mnist(), reason=f"Fashion-MN
 
 
 @pytest.fixture(autouse=True)
-def _no_data_dir_override(monkeypatch):
-    """A developer's $MASKING_BENCH_DATA_DIR must not leak into tests that assume the default."""
+def _no_data_dir_override(monkeypatch, tmp_path):
+    """A developer's $MASKING_BENCH_DATA_DIR must not leak into tests that assume the default, and prepared
+    datasets go to the test's own folder, never to the repository's results/prepared/ (a test that means
+    the default removes $MASKING_BENCH_PREPARED itself)."""
     monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.setenv("MASKING_BENCH_PREPARED", str(tmp_path / "prepared_cache"))
 
 
 # A minimal valid suite on generated data (never trained by the unit tests, only parsed/expanded).

@@ -82,6 +82,7 @@ def test_executor_parameters_map_the_launcher_block():
     cfg = LauncherConfig(
         kind="slurm",
         partition="gpu",
+        nodes=2,
         gpus_per_node=2,
         cpus_per_task=8,
         mem_gb=32,
@@ -93,6 +94,7 @@ def test_executor_parameters_map_the_launcher_block():
     assert p == {
         "name": "mb-sweep",
         "timeout_min": 240,
+        "nodes": 2,
         "tasks_per_node": 1,
         "cpus_per_task": 8,
         "mem_gb": 32,
