@@ -20,6 +20,7 @@ import yaml
 
 THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 os.environ["OMP_NUM_THREADS"] = THREADS  # inherited by CLI subprocesses
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures render headless, in-process and in CLI subprocesses
 # the start-up catalog (masking_bench/catalog.py) of the tests stays out of the user's own cache;
 # shared by the test workers, keyed by file contents like any catalog
 os.environ.setdefault("MASKING_BENCH_CACHE", str(Path(tempfile.gettempdir()) / f"masking_bench_tests_{os.getuid()}"))

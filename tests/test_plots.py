@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import itertools
 
-import matplotlib
+import matplotlib.pyplot as plt  # headless: conftest sets MPLBACKEND=Agg before any import
 import pytest
+from matplotlib.colors import to_hex
+from matplotlib.text import Text
+from test_report import PNG_SIGNATURE, _suite, write_records
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import to_hex  # noqa: E402
-from matplotlib.text import Text  # noqa: E402
-from test_report import PNG_SIGNATURE, _suite, write_records  # noqa: E402
-
-from masking_bench.report import build_tables, collect, write_report  # noqa: E402
-from masking_bench.report.labels import place_labels  # noqa: E402
-from masking_bench.report.palette import (  # noqa: E402
+from masking_bench.report import build_tables, collect, write_report
+from masking_bench.report.labels import place_labels
+from masking_bench.report.palette import (
     BUILTIN_ORDER,
     MARKERS,
     OKABE_ITO,
@@ -25,7 +21,7 @@ from masking_bench.report.palette import (  # noqa: E402
     strategy_order,
     strategy_styles,
 )
-from masking_bench.report.plots import FORMATS, PANELS_PER_ROW, PLOTS, draw_plots, make_figure  # noqa: E402
+from masking_bench.report.plots import FORMATS, PANELS_PER_ROW, PLOTS, draw_plots, make_figure
 
 # Okabe & Ito (2008), "Color Universal Design": the palette docs and palette.py name
 DOCUMENTED_OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
