@@ -1,7 +1,7 @@
 """Reading prepared folders (:mod:`masking_bench.prepared`): the split arrays, and a loader of uint8 batches by index.
 
 The order is a pure function of (seed, epoch, step): the epoch's permutation is the one
-:class:`masking_bench.data.TensorLoader` draws (``randperm(n, seed * 100_003 + epoch)``), global step
+:class:`masking_bench.data.TensorLoader` draws (:func:`masking_bench.data.epoch_order`), global step
 ``s`` is ``order[s * B:(s + 1) * B]`` (``B`` the global batch) and DDP rank ``r`` of ``W`` reads the
 contiguous share ``[r * B / W, (r + 1) * B / W)`` of it — the rows the trainer's ``forward_losses``
 narrows to. Augmentation and normalisation stay with the trainer, on the device.
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import BatchTransform, epoch_order
 from .errors import BenchError
 
 FORMAT_VERSION = 1  # of the prepared folders written by masking_bench.prepared
@@ -98,14 +99,6 @@ def open_prepared(folder: str | Path) -> Prepared:
     return Prepared(folder, json.loads((folder / "manifest.json").read_text()))
 
 
-def subset_indices(n_total: int, n: int | None, seed: int = 0) -> np.ndarray | None:
-    """The rows ``data.Split.subset(n, seed)`` keeps (sorted), or None for all of them."""
-    if n is None or n >= n_total:
-        return None
-    idx = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return idx.numpy()
-
-
 class PreparedLoader:
     """Seeded, resumable, rank-sharded uint8 batches from a prepared split.
 
@@ -156,10 +149,7 @@ class PreparedLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         """Row numbers of the split in the order of ``epoch`` (TensorLoader's permutation)."""
-        if self.shuffle:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).numpy()
-        else:
-            perm = np.arange(self.n)
+        perm = epoch_order(self.n, self.seed, epoch, self.shuffle).numpy()
         return perm if self.rows is None else self.rows[perm]
 
     def indices(self, epoch: int, step: int, order: np.ndarray | None = None) -> np.ndarray:
@@ -219,8 +209,6 @@ class PreparedTrainLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
-        from .data import BatchTransform
-
         self.reader = PreparedLoader(
             split_dir, batch_size, seed, rank, world_size, rows=None if rows is None else rows.numpy()
         )

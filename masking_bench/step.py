@@ -216,14 +216,11 @@ class TrainStep:
                         f"run {spec.run_hash} ({spec.short()}): loss became {part.item()} at epoch "
                         f"{epoch} step {step}{self.where} — {advice}"
                     )
-                if t.accum_steps == 1:
-                    part.backward()
-                    loss, terms = part.detach(), {name: v.detach() for name, v in part_terms.items()}
-                else:
-                    (part / t.accum_steps).backward()
-                    loss = loss + part.detach() / t.accum_steps
-                    for name, v in part_terms.items():
-                        terms[name] = terms.get(name, 0.0) + v.detach() / t.accum_steps
+                # the share's loss is the mean of its equal micro-batches' (exact for a single one)
+                (part / t.accum_steps).backward()
+                loss = loss + part.detach() / t.accum_steps
+                for name, v in part_terms.items():
+                    terms[name] = terms.get(name, 0.0) + v.detach() / t.accum_steps
         if t.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad)
         self.opt.step()

@@ -88,7 +88,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "prepared_order_unshuffled",
         "masking_bench/prepared_loader.py",
-        "perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).numpy()",
+        "perm = epoch_order(self.n, self.seed, epoch, self.shuffle).numpy()",
         "perm = np.arange(self.n)",
         ("tests/test_prepared_training.py::test_prepared_storage_gives_the_numbers_of_memory",),
         "training from prepared data would read the images in file order, not the seeded epoch order",

@@ -20,7 +20,7 @@ from masking_bench.prepared import (
     open_prepared,
     prepare,
 )
-from masking_bench.prepared_loader import PreparedLoader, subset_indices
+from masking_bench.prepared_loader import PreparedLoader
 
 SIZE = 32
 CLASSES = ("cat", "dog", "emu")
@@ -203,8 +203,9 @@ def test_loader_order_is_a_function_of_seed_epoch_step_and_ranks_partition_it(fo
         assert torch.equal(torch.cat([r.batch(1, step)[0] for r in ranks]), a.batch(1, step)[0])
         seen += [*shares[0], *shares[1]]
     assert sorted(seen) == list(range(18)) and len(seen) == len(set(seen))
-    # a train_subset: the rows Split.subset keeps
-    rows = subset_indices(18, 12, seed=5)
+    # a train_subset: the rows a mapped Split.subset keeps (what the trainer hands the loader) are the
+    # images an in-memory Split.subset keeps
+    rows = Split(imgs, torch.arange(18), mapped=True).subset(12, seed=5).rows.numpy()
     sub = PreparedLoader(train, 4, seed=3, rows=rows)
     assert len(sub) == 3 and set(np.concatenate([sub.indices(0, s) for s in range(3)])) == set(rows.tolist())
     assert np.array_equal(rows, Split(imgs, torch.arange(18)).subset(12, seed=5).labels.numpy())
